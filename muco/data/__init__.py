@@ -1,0 +1,1 @@
+"""Data: records, shards, templates, collation, the streaming DataModule."""

@@ -1,0 +1,116 @@
+"""Collation: templated texts (+ at most one image each) -> Qwen2-VL model inputs.
+
+Tokenisation runs on the texts with a single ``<|image_pad|>``; the pad is expanded to the image's visual-token
+count on the id lists afterwards, which is far cheaper than tokenising hundreds of placeholder strings.
+Batches are right-padded and never truncated: truncation would lose ``<|emb|>`` slots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import PreTrainedTokenizerBase
+
+from muco.data.image_policy import ImagePolicy
+from muco.data.templates import IMAGE_PAD, find_reserved, pretrain_query_turns, pretrain_template
+from muco.model.tokenizer import SpecialTokenIds
+
+
+class BadSampleError(ValueError):
+    """A sample that cannot be turned into a sequence; the message names the sample."""
+
+
+def check_user_text(text: str, key: str, field: str) -> None:
+    """Refuse data texts that hold a special-token string (it would misalign pooling)."""
+    bad = find_reserved(text)
+    if bad is not None:
+        raise BadSampleError(f"sample {key!r}: {field} contains the reserved string {bad!r}")
+
+
+class SequenceEncoder:
+    """Encodes fully templated texts, each with zero or one image, into one padded batch."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, image_policy: ImagePolicy) -> None:
+        self.tokenizer = tokenizer
+        self.policy = image_policy
+        self.processor = image_policy.image_processor()
+        self.ids = SpecialTokenIds.from_tokenizer(tokenizer)
+        self.merge = int(self.processor.merge_size)
+
+    def __call__(self, texts: Sequence[str], images: Sequence[Image.Image | None]) -> dict[str, torch.Tensor]:
+        if len(texts) != len(images):
+            raise ValueError(f"{len(texts)} texts but {len(images)} images")
+        present = [im for im in images if im is not None]
+        out: dict[str, Any] = {}
+        visual_tokens: list[int] = []
+        if present:
+            vision = self.processor(images=[self.policy.prepare(im) for im in present], return_tensors="pt")
+            grid = vision["image_grid_thw"]
+            out["pixel_values"] = vision["pixel_values"]
+            out["image_grid_thw"] = grid
+            visual_tokens = (grid.prod(-1) // self.merge**2).tolist()
+
+        encoded = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        pad_id, img_id = self.ids.pad, self.ids.image_pad
+        rows: list[list[int]] = []
+        it = iter(visual_tokens)
+        for text_ids, image in zip(encoded, images):
+            n_pad = text_ids.count(img_id)
+            if n_pad != (1 if image is not None else 0):
+                raise ValueError(
+                    f"a sequence has {n_pad} {IMAGE_PAD} placeholders but {'one image' if image else 'no image'}"
+                )
+            if image is not None:
+                at = text_ids.index(img_id)
+                text_ids = text_ids[:at] + [img_id] * next(it) + text_ids[at + 1 :]
+            rows.append(text_ids)
+
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            attention_mask[i, : len(r)] = 1
+        out["input_ids"] = input_ids
+        out["attention_mask"] = attention_mask
+        out["mm_token_type_ids"] = (input_ids == img_id).int()
+        return out
+
+
+@dataclass
+class PretrainSample:
+    """One image with its K drawn turns, already in the sample's (shared) turn order."""
+
+    key: str
+    image: Image.Image | None
+    queries: list[str]
+    targets: list[str]
+
+
+class PretrainCollator:
+    """K-turn pretraining batches: one query sequence (image in turn 1) and one target sequence per sample."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, image_policy: ImagePolicy) -> None:
+        self.encoder = SequenceEncoder(tokenizer, image_policy)
+
+    def __call__(self, samples: Sequence[PretrainSample]) -> dict[str, Any]:
+        q_texts, t_texts, images = [], [], []
+        for s in samples:
+            if len(s.queries) != len(s.targets) or not s.queries:
+                raise BadSampleError(f"sample {s.key!r}: {len(s.queries)} queries vs {len(s.targets)} targets")
+            for k, (q, t) in enumerate(zip(s.queries, s.targets)):
+                check_user_text(q, s.key, f"turn {k} query")
+                check_user_text(t, s.key, f"turn {k} target")
+            q_texts.append(pretrain_template(pretrain_query_turns(s.queries, s.image is not None)))
+            t_texts.append(pretrain_template(s.targets))
+            images.append(s.image)
+        return {
+            "query": self.encoder(q_texts, images),
+            "target": self.encoder(t_texts, [None] * len(samples)),
+            "num_turns": torch.tensor([len(s.queries) for s in samples], dtype=torch.long),
+            "keys": [s.key for s in samples],
+        }

@@ -1,0 +1,1 @@
+"""MMEB-format evaluation."""

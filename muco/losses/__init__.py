@@ -1,0 +1,1 @@
+"""Contrastive losses and the gradient-carrying gather."""

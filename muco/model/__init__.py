@@ -1,0 +1,1 @@
+"""Model: tokenizers, the Qwen2-VL backbone, pooling and the embedder."""

@@ -1,0 +1,165 @@
+"""Qwen2-VL backbone: local weights or a random-init size preset, frozen vision tower, optional LoRA/DoRA."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase, Qwen2VLConfig, Qwen2VLModel
+
+from muco.model.tokenizer import SpecialTokenIds
+
+log = logging.getLogger(__name__)
+
+LLM_LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# Random-init shapes. `tiny` is for tests/CPU; `2b`/`7b` match Qwen2-VL-2B/7B for throughput work without weights;
+# `cpu-2b-shape` keeps 2B's vision/text cost split at a size a CPU can step.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(
+        text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, mrope_section=[4, 6, 6]),
+        vision=dict(depth=2, embed_dim=64, num_heads=4, mlp_ratio=4),
+    ),
+    "cpu-2b-shape": dict(
+        text=dict(hidden_size=384, intermediate_size=2240, num_hidden_layers=7, num_attention_heads=3,
+                  num_key_value_heads=1, mrope_section=[16, 24, 24]),
+        vision=dict(depth=8, embed_dim=320, num_heads=4, mlp_ratio=4),
+    ),
+    "2b": dict(
+        text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                  num_key_value_heads=2, mrope_section=[16, 24, 24]),
+        vision=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4),
+    ),
+    "7b": dict(
+        text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                  num_key_value_heads=4, mrope_section=[16, 24, 24]),
+        vision=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4),
+    ),
+}
+
+
+@dataclass
+class AdapterConfig:
+    """LoRA/DoRA on the language model's linear layers. Presets: `paper` (LoRA 64/64), `released` (DoRA 16/64)."""
+
+    kind: str = "lora"  # lora | dora
+    r: int = 64
+    alpha: int = 64
+    dropout: float = 0.0
+    init: str = "default"  # default | gaussian
+    target_modules: list[str] = field(default_factory=lambda: list(LLM_LINEAR_LAYERS))
+
+    @classmethod
+    def preset(cls, name: str) -> AdapterConfig:
+        if name == "paper":
+            return cls(kind="lora", r=64, alpha=64)
+        if name == "released":
+            return cls(kind="dora", r=16, alpha=64, dropout=0.1, init="gaussian")
+        raise ValueError(f"unknown adapter preset {name!r}; choose 'paper' or 'released'")
+
+
+@dataclass
+class BackboneConfig:
+    """Where the backbone comes from and how it trains."""
+
+    pretrained: str | None = None  # local Qwen2-VL directory; None = random init from `preset`
+    preset: str = "tiny"
+    dtype: str = "float32"  # weights dtype; bf16 training uses Lightning's autocast instead
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    freeze_vision: bool = True
+    adapter: AdapterConfig | None = None
+    gradient_checkpointing: bool = False
+    seed: int = 0  # random-init seed, so every rank builds the same weights
+
+
+def preset_config(preset: str, ids: SpecialTokenIds, vocab_size: int) -> Qwen2VLConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown backbone preset {preset!r}; choose one of {sorted(PRESETS)}")
+    p = PRESETS[preset]
+    text = dict(p["text"])
+    mrope = text.pop("mrope_section")
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    if sum(mrope) * 2 != head_dim:
+        raise ValueError(f"preset {preset}: mrope_section {mrope} must sum to head_dim/2 = {head_dim // 2}")
+    text.update(
+        vocab_size=vocab_size,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope},
+        bos_token_id=ids.pad, eos_token_id=ids.pad, pad_token_id=ids.pad,
+    )
+    vision = dict(p["vision"], hidden_size=text["hidden_size"], patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, in_channels=3)
+    return Qwen2VLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids.image_pad, video_token_id=ids.video_pad,
+        vision_start_token_id=ids.vision_start, vision_end_token_id=ids.vision_end,
+    )
+
+
+def _dtype(name: str) -> torch.dtype:
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use float32, bfloat16 or float16") from None
+
+
+def load_qwen2vl(cfg: BackboneConfig, tokenizer: PreTrainedTokenizerBase) -> Qwen2VLModel:
+    """A bare Qwen2VLModel (no LM head), from local weights or a preset; embedding table grown if needed."""
+    ids = SpecialTokenIds.from_tokenizer(tokenizer)
+    if cfg.pretrained is not None:
+        path = Path(cfg.pretrained)
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"backbone.pretrained={path} is not a directory; download Qwen2-VL weights and point at them"
+            )
+        model = Qwen2VLModel.from_pretrained(
+            str(path), dtype=_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation, local_files_only=True
+        )
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = Qwen2VLModel._from_config(
+                preset_config(cfg.preset, ids, len(tokenizer)), attn_implementation=cfg.attn_implementation,
+                dtype=_dtype(cfg.dtype),
+            )
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
+def build_backbone(cfg: BackboneConfig, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
+    """Qwen2VLModel with the vision tower frozen, optional adapter, optional gradient checkpointing."""
+    model = load_qwen2vl(cfg, tokenizer)
+    if cfg.freeze_vision:
+        model.visual.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if cfg.adapter is not None:
+        model = apply_adapter(model, cfg.adapter, SpecialTokenIds.from_tokenizer(tokenizer))
+    return model
+
+
+def apply_adapter(model: Qwen2VLModel, cfg: AdapterConfig, ids: SpecialTokenIds) -> nn.Module:
+    """LoRA/DoRA on the language model's linear layers only, plus trainable `<|emb|>`/`<|mask|>` rows."""
+    from peft import LoraConfig, get_peft_model
+
+    if cfg.kind not in ("lora", "dora"):
+        raise ValueError(f"adapter.kind must be 'lora' or 'dora', got {cfg.kind!r}")
+    targets = "|".join(cfg.target_modules)
+    lcfg = LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_dora=cfg.kind == "dora",
+        init_lora_weights="gaussian" if cfg.init == "gaussian" else True,
+        # regex: the vision tower and merger are never adapted
+        target_modules=rf".*language_model.*\.({targets})$",
+        trainable_token_indices={"embed_tokens": [ids.emb, ids.mask]},
+    )
+    return get_peft_model(model, lcfg)
+
+
+def unwrap_qwen2vl(model: nn.Module) -> Qwen2VLModel:
+    """The Qwen2VLModel inside a PEFT wrapper (or the model itself)."""
+    base = getattr(model, "get_base_model", None)
+    return base() if callable(base) else model

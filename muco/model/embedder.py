@@ -1,0 +1,28 @@
+"""Backbone + pooling: model inputs -> normalised fp32 embeddings at the `<|emb|>` slots."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from muco.model.pooling import EmbeddingPooler, PooledEmbeddings
+
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+
+
+class Embedder(nn.Module):
+    """One shared encoder for queries, targets and negatives."""
+
+    def __init__(self, backbone: nn.Module, emb_token_id: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.pooler = EmbeddingPooler(emb_token_id)
+
+    def forward(
+        self, inputs: Mapping[str, torch.Tensor], expected: int | torch.Tensor, keys: Sequence[str] | None = None
+    ) -> PooledEmbeddings:
+        kwargs = {k: inputs[k] for k in MODEL_INPUT_KEYS if k in inputs}
+        hidden = self.backbone(**kwargs, use_cache=False).last_hidden_state
+        return self.pooler(hidden, inputs["input_ids"], expected, keys)
