@@ -1,0 +1,5 @@
+import sys
+
+from muco.cli import main
+
+sys.exit(main())

@@ -1,0 +1,256 @@
+"""``M3TDataModule``: streaming M3T pretraining batches for Lightning (configured from YAML by LightningCLI).
+
+Training: ``resampled=True`` draws shards with replacement per (seed, epoch, rank, worker);
+``resampled=False`` splits a per-epoch shard order across ranks, then workers (needs >= world_size *
+num_workers shards per source). Either way every rank yields exactly ``samples_per_epoch // (world_size *
+batch_size)`` batches per epoch (uneven ranks hang DDP), split across workers; a short non-resampled pass is
+repeated to fill it.
+
+Validation reads held-out shards once, without resampling or shuffling, partial last batch kept. Each rank
+reads a disjoint strided subset of the shards (``shards[rank::world_size]``, then split over workers), so the
+union over ranks is the whole set. With fewer val shards than ranks every rank reads all of them (duplicated
+work, same metrics). Ranks may then run different numbers of val batches: validation steps must not run
+per-step collectives; epoch-level ``self.log(..., sync_dist=True)`` is fine.
+
+Resume: ``state_dict`` holds the last data epoch and the samples seen; after ``load_state_dict`` the next
+iterator uses the *next* epoch's seeds instead of replaying batches (STACK.md §13).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from muco.data.collate import PretrainCollator
+from muco.data.image_policy import ImagePolicy
+from muco.data.shards import ShardSet, is_remote, peek_first_json, resolve_shards
+from muco.data.stream import M3TStream, SharedEpoch, StreamConfig
+
+log = logging.getLogger("muco.data")
+
+
+class _EpochLoader(DataLoader):
+    """A DataLoader that announces each new iterator (epoch) and counts the batches it hands out."""
+
+    def __init__(self, dataset: M3TStream, on_iter: Callable[[], None] | None = None,
+                 on_batch: Callable[[dict], None] | None = None, **kw: Any) -> None:
+        super().__init__(dataset, batch_size=None, **kw)
+        self._on_iter, self._on_batch = on_iter, on_batch
+
+    def __iter__(self) -> Iterator[dict]:
+        if self._on_iter is not None:
+            self._on_iter()  # before the workers (re)create their iterators: they read the shared epoch
+        it = super().__iter__()
+        if self._on_batch is None:
+            return it
+        return self._counted(it)
+
+    def _counted(self, it: Iterator[dict]) -> Iterator[dict]:
+        for batch in it:
+            self._on_batch(batch)  # type: ignore[misc]
+            yield batch
+
+
+class M3TDataModule(LightningDataModule):
+    def __init__(
+        self,
+        train_shards: str | list[str],
+        val_shards: str | list[str] | None = None,
+        train_weights: list[float] | None = None,
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        turns_per_sample: int = 7,
+        resampled: bool = True,
+        shuffle_buffer: int = 1000,
+        samples_per_epoch: int | None = None,
+        seed: int = 0,
+        tokenizer: str = "tiny",
+        image_policy: str = "tiny",
+        persistent_workers: bool = True,
+        prefetch_factor: int = 2,
+        pin_memory: bool = False,
+    ) -> None:
+        """``train_shards``: a brace pattern / glob / manifest.json, or a list of them (one source); with
+        ``train_weights`` each list entry is one source, mixed per sample with those weights.
+        ``batch_size`` is per device, in images; ``samples_per_epoch`` is global (all ranks)."""
+        super().__init__()
+        self.train_shards, self.val_shards, self.train_weights = train_shards, val_shards, train_weights
+        self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
+        self.turns_per_sample, self.resampled = turns_per_sample, resampled
+        self.shuffle_buffer = shuffle_buffer
+        self.samples_per_epoch, self.seed = samples_per_epoch, seed
+        self.tokenizer, self.image_policy = tokenizer, image_policy
+        self.persistent_workers, self.prefetch_factor, self.pin_memory = (
+            persistent_workers, prefetch_factor, pin_memory)
+        self.train_config: StreamConfig | None = None
+        self.val_config: StreamConfig | None = None
+        self.collator: PretrainCollator | None = None
+        self._shared_epoch = SharedEpoch(0)
+        self._data_epoch = -1  # last epoch handed to an iterator
+        self._min_epoch = 0  # the next iterator's epoch is at least this (raised on resume)
+        self.samples_seen = 0  # this rank's samples delivered to training
+
+    # -- setup: every check that can fail runs here, before the first step --------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        rank, world = self.dist_info()
+        if self.batch_size < 1 or (self.val_batch_size is not None and self.val_batch_size < 1):
+            raise ValueError(f"data.batch_size must be >= 1 (images per device), got {self.batch_size}")
+        if self.turns_per_sample < 1:
+            raise ValueError(f"data.turns_per_sample must be >= 1, got {self.turns_per_sample}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        policy = ImagePolicy.preset(self.image_policy)
+        if stage in (None, "fit"):
+            self.train_config = self._train_config(policy, world)
+        if self.val_shards is not None and stage in (None, "fit", "validate"):
+            val = resolve_shards(self.val_shards)
+            self.val_config = StreamConfig(
+                sources=[val.urls], batch_size=self.val_batch_size or self.batch_size,
+                turns_per_sample=self.turns_per_sample, image_policy=policy,
+                expected_turns=self._check_turns(val, "data.val_shards"), resampled=False, seed=self.seed,
+                train=False)
+        if self.collator is None:
+            from muco.model.tokenizer import build_tokenizer
+
+            self.collator = PretrainCollator(build_tokenizer(self.tokenizer), policy)
+        log.info("M3T data on rank %d/%d: %s", rank, world, self.describe())
+
+    def _train_config(self, policy: ImagePolicy, world: int) -> StreamConfig:
+        if self.train_weights is not None:
+            specs = [self.train_shards] if isinstance(self.train_shards, str) else list(self.train_shards)
+            if len(specs) != len(self.train_weights):
+                raise ValueError(f"data.train_weights has {len(self.train_weights)} weights but "
+                                 f"data.train_shards has {len(specs)} sources; give one weight per source")
+            if not all(math.isfinite(w) and w > 0 for w in self.train_weights):
+                raise ValueError(f"data.train_weights must all be > 0, got {self.train_weights}")
+            sets = [resolve_shards(s) for s in specs]
+        else:
+            sets = [resolve_shards(self.train_shards)]
+        expected = self._check_turns(sets[0], "data.train_shards")
+        counts = [s.num_samples for s in sets]
+        per_epoch = self.samples_per_epoch
+        if per_epoch is None and all(c is not None for c in counts):
+            per_epoch = sum(counts)  # type: ignore[arg-type]  # one epoch ~ one pass (manifest counts)
+        if per_epoch is None and (self.resampled or world > 1):
+            why = "resampled streams are endless" if self.resampled else "ranks must yield equal batch counts"
+            raise ValueError(f"data.samples_per_epoch is required ({why}) when the shards are not given as "
+                             "manifest.json files; set it, e.g. to the number of training samples")
+        if per_epoch is not None and per_epoch < world * self.batch_size:
+            raise ValueError(
+                f"data.samples_per_epoch={per_epoch} is smaller than world_size*batch_size="
+                f"{world}*{self.batch_size}: no rank would get a single batch; raise it")
+        if not self.resampled:
+            need = world * max(1, self.num_workers)
+            for spec, s in zip(self._specs(), sets):
+                if len(s.urls) < need:
+                    raise ValueError(
+                        f"non-resampled data needs at least world_size*num_workers={need} shards per source, "
+                        f"but {spec!r} has {len(s.urls)}; re-shard smaller (--max-samples-per-shard), lower "
+                        "data.num_workers, or set data.resampled=true")
+        return StreamConfig(
+            sources=[s.urls for s in sets], batch_size=self.batch_size,
+            turns_per_sample=self.turns_per_sample, image_policy=policy, weights=self.train_weights,
+            expected_turns=expected, resampled=self.resampled, shuffle_buffer=self.shuffle_buffer,
+            seed=self.seed, samples_per_epoch=per_epoch, train=True)
+
+    def _specs(self) -> list:
+        if self.train_weights is None:
+            return [self.train_shards]
+        return [self.train_shards] if isinstance(self.train_shards, str) else list(self.train_shards)
+
+    def _check_turns(self, shards: ShardSet, name: str) -> int | None:
+        """Turn count of the first record of the first shard (None for remote shards); fails if too few."""
+        url = shards.urls[0]
+        if is_remote(url):
+            return None
+        try:
+            first = peek_first_json(url)
+            turns = None if first is None else json.loads(first[1]).get("turns")
+        except Exception as e:  # the stream will skip a bad record; setup only guards the configuration
+            log.warning("could not read the first record of %s (%s); turn count not checked", url, e)
+            return None
+        if first is None or not isinstance(turns, list):
+            log.warning("first record of %s has no turn list; turn count not checked", url)
+            return None
+        if self.turns_per_sample > len(turns):
+            raise ValueError(
+                f"data.turns_per_sample={self.turns_per_sample} but the first record ({first[0]!r} in {url}, "
+                f"{name}) has only {len(turns)} turns; set data.turns_per_sample <= {len(turns)}")
+        return len(turns)
+
+    # -- loaders ------------------------------------------------------------------------------------------
+    def make_dataset(self, split: str = "train", rank: int | None = None,
+                     world_size: int | None = None) -> M3TStream:
+        """The stream of one rank (explicit rank/world_size let tests simulate several ranks)."""
+        cfg = self.train_config if split == "train" else self.val_config
+        if cfg is None or self.collator is None:
+            raise RuntimeError(f"no {split} data: call setup() first (validation needs data.val_shards)")
+        if rank is None or world_size is None:
+            rank, world_size = self.dist_info()
+        epoch = self._shared_epoch if split == "train" else None
+        return M3TStream(cfg, self.collator, rank, world_size, epoch)
+
+    def _loader(self, ds: M3TStream, workers: int, train: bool) -> DataLoader:
+        kw: dict[str, Any] = {"num_workers": workers, "pin_memory": self.pin_memory}
+        if workers > 0:
+            kw.update(persistent_workers=self.persistent_workers, prefetch_factor=self.prefetch_factor)
+        if train:
+            return _EpochLoader(ds, on_iter=self._begin_epoch, on_batch=self._count, **kw)
+        return _EpochLoader(ds, **kw)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.make_dataset("train"), self.num_workers, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        ds = self.make_dataset("val")
+        rank, world = ds.rank, ds.world_size
+        urls = ds.cfg.sources[0]
+        mine = len(urls[rank::world]) if len(urls) >= world else len(urls)
+        return self._loader(ds, min(self.num_workers, mine), train=False)  # no idle val workers
+
+    # -- epochs and resume --------------------------------------------------------------------------------
+    def _begin_epoch(self) -> None:
+        trainer = self.trainer
+        epoch = trainer.current_epoch if trainer is not None else self._data_epoch + 1
+        epoch = max(epoch, self._min_epoch)  # never reuse an epoch's seeds, e.g. after a resume
+        self._data_epoch, self._min_epoch = epoch, epoch + 1
+        self._shared_epoch.set_value(epoch)
+
+    def _count(self, batch: dict) -> None:
+        self.samples_seen += len(batch["keys"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._data_epoch, "samples_seen": self.samples_seen, "seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("seed", self.seed) != self.seed:
+            log.warning("resuming with data seed %s, checkpoint used %s", self.seed, state_dict["seed"])
+        self._data_epoch = int(state_dict.get("epoch", -1))
+        self._min_epoch = self._data_epoch + 1  # resume with the next epoch's seed, not a replay
+        self.samples_seen = int(state_dict.get("samples_seen", 0))
+
+    # -- helpers ------------------------------------------------------------------------------------------
+    def dist_info(self) -> tuple[int, int]:
+        """(global rank, world size): from the trainer when attached, else RANK/WORLD_SIZE, else (0, 1)."""
+        trainer = self.trainer
+        if trainer is not None:
+            return int(trainer.global_rank), int(trainer.world_size)
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+    def describe(self) -> str:
+        parts = []
+        if self.train_config is not None:
+            c = self.train_config
+            parts.append(f"train {sum(map(len, c.sources))} shards in {len(c.sources)} source(s), "
+                         f"{'resampled' if c.resampled else 'split'}, {c.samples_per_epoch} samples/epoch")
+        if self.val_config is not None:
+            parts.append(f"val {len(self.val_config.sources[0])} shards")
+        return "; ".join(parts) or "not set up"

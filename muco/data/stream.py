@@ -1,0 +1,293 @@
+"""The streaming M3T dataset: shards -> raw samples -> decoded, turn-drawn samples -> collated batches.
+
+Everything expensive (tar reading, JPEG decode, resize, tokenisation, the image processor, collation) runs in
+DataLoader workers; the loader is built with ``batch_size=None``. Rank and world size are given explicitly
+at construction (computed in the training process), so shard splitting is right whatever the worker start
+method (``split_by_node`` silently does not split in spawn/forkserver workers, STACK.md §9). Every random
+choice comes from a stable hash of (seed, epoch, rank, worker, ...) like open_clip, so epochs are reproducible
+and a resumed run can move on to the next epoch's seed instead of replaying (STACK.md §13).
+
+Bad samples (corrupt image, missing member, bad JSON, wrong turn count, empty query, truncated tar) are
+skipped, counted per worker and reported with a rate-limited warning naming the shard and key; every batch
+carries ``batch["stats"] = {"skipped", "worker", "samples", "epoch"}`` so the training process can log them.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import multiprocessing as mp
+import random
+import tarfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+from webdataset.filters import _shuffle
+from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext
+
+from muco.data.collate import BadSampleError, PretrainCollator, PretrainSample
+from muco.data.image_policy import MIN_SIDE, ImagePolicy
+from muco.data.records import M3TRecord
+from muco.data.turns import draw_turns, sample_rng, stable_seed
+
+log = logging.getLogger("muco.data")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+FACTOR = 28  # patch 14 x merge 2
+MAX_CONSECUTIVE_FAILURES = 1000  # a worker whose every sample fails has a bug or wrong data, not bad luck
+
+
+class SharedEpoch:
+    """An epoch counter shared with (persistent) DataLoader workers, as in open_clip."""
+
+    def __init__(self, epoch: int = 0) -> None:
+        self.value = mp.Value("i", epoch, lock=False)  # no SemLock: picklable into spawn workers too
+
+    def set_value(self, epoch: int) -> None:
+        self.value.value = epoch
+
+    def get_value(self) -> int:
+        return int(self.value.value)
+
+
+@dataclass
+class StreamConfig:
+    sources: list[list[str]]  # shard URLs per source
+    batch_size: int
+    turns_per_sample: int
+    image_policy: ImagePolicy
+    weights: list[float] | None = None
+    expected_turns: int | None = None  # records with another turn count are bad samples
+    resampled: bool = True
+    shuffle_buffer: int = 1000  # raw samples per worker (shared by the sources); <= 1: no shuffling
+    seed: int = 0
+    samples_per_epoch: int | None = None  # global; None: one pass over each rank's shards
+    train: bool = True  # False: no shuffling, epoch fixed to 0, partial last batch kept
+
+
+def policy_target(policy: ImagePolicy, w: int, h: int) -> tuple[tuple[int, int], Image.Resampling]:
+    """Size (and filter) to resize a ``w``x``h`` image to once, so neither ``policy.prepare`` nor the
+    processor resizes again. Mirrors ``ImagePolicy.prepare``: with a short side the target is prepare's
+    output (prepare is then a no-op; the processor still rounds to multiples of 28), otherwise it is the
+    processor's own ``smart_resize`` target, which both later steps leave unchanged.
+    """
+    if policy.short_side is not None:
+        if min(w, h) != policy.short_side:
+            s = policy.short_side / min(w, h)
+            w, h = max(1, round(w * s)), max(1, round(h * s))
+        if min(w, h) >= MIN_SIDE:
+            return (w, h), Image.Resampling.LANCZOS
+    if min(w, h) < MIN_SIDE:
+        s = MIN_SIDE / min(w, h)
+        w, h = max(MIN_SIDE, round(w * s)), max(MIN_SIDE, round(h * s))
+    th, tw = smart_resize(h, w, factor=FACTOR, min_pixels=policy.min_pixels, max_pixels=policy.max_pixels)
+    return (tw, th), Image.Resampling.BICUBIC
+
+
+def load_image(data: bytes, policy: ImagePolicy) -> Image.Image:
+    """Decode (JPEG at a reduced DCT scale when that still covers the target) and resize once."""
+    im = Image.open(io.BytesIO(data))
+    w, h = im.size
+    if max(w, h) > 200 * min(w, h):
+        raise BadSampleError(f"aspect ratio {w}x{h} > 200")
+    size, resample = policy_target(policy, w, h)
+    im.draft("RGB", size)  # no-op unless JPEG; the drafted image is never smaller than `size`
+    im = im.convert("RGB")
+    return im if im.size == size else im.resize(size, resample)
+
+
+def decode_sample(raw: dict[str, Any], cfg: StreamConfig, epoch: int) -> PretrainSample:
+    """Raw tar members -> a validated sample with its turns drawn; raises on any problem."""
+    key = raw["__key__"]
+    if "json" not in raw:
+        raise BadSampleError("missing member .json")
+    ext = next((e for e in IMAGE_EXTS if e in raw), None)
+    if ext is None:
+        raise BadSampleError(f"missing image member (one of {IMAGE_EXTS})")
+    record = M3TRecord.from_json(key, raw["json"])  # types, empty strings, reserved tokens
+    n = len(record.turns)
+    if (cfg.expected_turns is not None and n != cfg.expected_turns) or n < cfg.turns_per_sample:
+        raise BadSampleError(f"has {n} turns, expected {cfg.expected_turns or cfg.turns_per_sample}")
+    image = load_image(raw[ext], cfg.image_policy)
+    queries, targets = draw_turns(record.turns, cfg.turns_per_sample, sample_rng(cfg.seed, epoch, key))
+    return PretrainSample(key=key, image=image, queries=queries, targets=targets)
+
+
+class _SkipLog:
+    """Rate-limited warnings: the first few in full, then one per ``interval`` seconds with a count."""
+
+    def __init__(self, first: int = 5, interval: float = 30.0) -> None:
+        self.first, self.interval, self.n, self.suppressed, self.last = first, interval, 0, 0, 0.0
+
+    def __call__(self, worker: str, url: str, key: str | None, err: object, total: int) -> None:
+        self.n += 1
+        now = time.monotonic()
+        if self.n > self.first and now - self.last < self.interval:
+            self.suppressed += 1
+            return
+        more = f" ({self.suppressed} similar warnings suppressed)" if self.suppressed else ""
+        log.warning("skipped sample %r of shard %s: %s [worker %s, %d skipped so far]%s",
+                    key, url, err, worker, total, more)
+        self.last, self.suppressed = now, 0
+
+
+def _weighted_mix(streams: list[Iterator], weights: list[float], rng: random.Random,
+                  longest: bool) -> Iterator:
+    streams, weights = list(streams), list(weights)
+    while streams:
+        i = rng.choices(range(len(streams)), weights)[0]
+        try:
+            yield next(streams[i])
+        except StopIteration:
+            if not longest:
+                return
+            del streams[i], weights[i]
+
+
+class M3TStream(IterableDataset):
+    """Collated M3T batches for one rank; ``len()`` is the batch count per rank when it is fixed."""
+
+    def __init__(self, cfg: StreamConfig, collator: PretrainCollator, rank: int = 0, world_size: int = 1,
+                 epoch: SharedEpoch | None = None) -> None:
+        super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.cfg, self.collator, self.rank, self.world_size = cfg, collator, rank, world_size
+        self.epoch = epoch
+        spe = cfg.samples_per_epoch
+        self.num_batches = None if spe is None else spe // (world_size * cfg.batch_size)  # same on every rank
+        self.stats = {"skipped": 0, "samples": 0}  # per worker process; cumulative while it lives
+        self._skip_log = _SkipLog()
+        self._failures = 0
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError("this stream makes one pass over its shards; its length is unknown")
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        w, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        wid = f"r{self.rank}w{w}"
+        epoch = self.epoch.get_value() if (self.epoch is not None and self.cfg.train) else 0
+        batches = self._batches(self._samples(epoch, w, nw, wid), epoch, wid)
+        if self.num_batches is not None:  # split over workers
+            n = self.num_batches
+            batches = islice(batches, n // nw + (w < n % nw))
+        return batches
+
+    # -- stages ------------------------------------------------------------------------------------------
+    def _shard_urls(self, src: int, epoch: int, w: int, nw: int, rep: int) -> Iterator[str]:
+        urls, cfg = self.cfg.sources[src], self.cfg
+        if cfg.resampled:  # with replacement, independent per (epoch, rank, worker)
+            rng = random.Random(stable_seed("shards", cfg.seed, epoch, self.rank, w, src))
+            while True:
+                yield urls[rng.randrange(len(urls))]
+        order = list(urls)
+        if cfg.train:  # the same order on every rank, so the strided split stays disjoint
+            random.Random(stable_seed("order", cfg.seed, epoch, rep, src)).shuffle(order)
+        if cfg.train or len(order) >= self.world_size:
+            order = order[self.rank :: self.world_size]
+        # else (validation with fewer shards than ranks): every rank reads every shard
+        yield from order[w::nw]
+
+    def _source(self, src: int, epoch: int, w: int, nw: int, wid: str) -> Iterator[dict]:
+        """Raw samples of one source, shuffled within each pass over the shards, so a repeated
+        (non-resampled) pass never leaks samples into the previous one's shuffle buffer."""
+        cfg = self.cfg
+        repeat = self.num_batches is not None and not cfg.resampled
+        rep = 0
+        while True:
+            n = 0
+            raw = (r for url in self._shard_urls(src, epoch, w, nw, rep) for r in self._read_tar(url, wid))
+            if cfg.train and cfg.shuffle_buffer > 1:  # shuffle raw bytes: far smaller than decoded images
+                size = max(2, cfg.shuffle_buffer // len(cfg.sources))  # the memory budget is for all sources
+                rng = random.Random(stable_seed("shuffle", cfg.seed, epoch, self.rank, w, src, rep))
+                raw = _shuffle(raw, size, min(size, 100), rng=rng)
+            for sample in raw:
+                n += 1
+                yield sample
+            if not repeat:
+                return
+            if n == 0:  # repeating an empty pass would spin forever
+                raise RuntimeError(f"worker {wid} read no sample from its shards of source {src}")
+            rep += 1
+
+    def _read_tar(self, url: str, wid: str) -> Iterator[dict]:
+        """Group consecutive members by key. A truncated or corrupt tar costs the sample being read (counted
+        once) and the unreadable tail; the samples before it still arrive."""
+        current: dict | None = None
+        reading: str | None = None  # key of the member being read when an error hits
+        try:
+            with gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+                for info in tar:
+                    base, ext = base_plus_ext(info.name)  # webdataset's rule: key up to the first dot
+                    if not info.isreg() or base is None:
+                        continue
+                    reading = base
+                    data = tar.extractfile(info).read()  # type: ignore[union-attr]
+                    reading = None
+                    if current is None or current["__key__"] != base:
+                        if current is not None:
+                            yield current
+                        current = {"__key__": base, "__url__": url}
+                    current[ext.lower()] = data
+        except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+            if current is not None and reading == current["__key__"]:
+                current, reading = None, current["__key__"]  # it lost a member
+            self._skip(wid, url, reading, f"unreadable tar, rest of shard skipped ({type(e).__name__}: {e})")
+        if current is not None:  # complete as far as the tar goes; decoding checks its members
+            yield current
+
+    def _samples(self, epoch: int, w: int, nw: int, wid: str) -> Iterator[PretrainSample]:
+        cfg = self.cfg
+        streams = [self._source(s, epoch, w, nw, wid) for s in range(len(cfg.sources))]
+        if len(streams) == 1:
+            raw: Iterator[dict] = streams[0]
+        else:
+            rng = random.Random(stable_seed("mix", cfg.seed, epoch, self.rank, w))
+            raw = _weighted_mix(streams, cfg.weights or [1.0] * len(streams), rng, self.num_batches is None)
+        for sample in raw:
+            try:
+                out = decode_sample(sample, cfg, epoch)
+            except Exception as e:  # the skip handler: any failure of one sample drops that sample only
+                self._skip(wid, sample.get("__url__", "?"), sample.get("__key__"), f"{type(e).__name__}: {e}")
+                continue
+            self._failures = 0
+            yield out
+
+    def _batches(self, samples: Iterator[PretrainSample], epoch: int, wid: str) -> Iterator[dict[str, Any]]:
+        bs, buf = self.cfg.batch_size, []
+        for s in samples:
+            buf.append(s)
+            if len(buf) == bs:
+                yield from self._collate(buf, epoch, wid)
+                buf = []
+        if buf and not self.cfg.train:  # drop_last for training only
+            yield from self._collate(buf, epoch, wid)
+
+    def _collate(self, buf: list[PretrainSample], epoch: int, wid: str) -> Iterator[dict[str, Any]]:
+        try:
+            batch = self.collator(buf)
+        except Exception as e:  # decode_sample validated every sample; this is a last resort
+            for s in buf:
+                self._skip(wid, "?", s.key, f"collation failed ({type(e).__name__}: {e})")
+            return
+        self.stats["samples"] += len(buf)
+        batch["stats"] = {"skipped": self.stats["skipped"], "worker": wid, "samples": self.stats["samples"],
+                          "epoch": epoch}
+        yield batch
+
+    def _skip(self, wid: str, url: str, key: str | None, err: object) -> None:
+        self.stats["skipped"] += 1
+        self._failures += 1
+        self._skip_log(wid, url, key, err, self.stats["skipped"])
+        if self._failures >= MAX_CONSECUTIVE_FAILURES:  # fail loudly instead of spinning over bad data
+            raise RuntimeError(f"worker {wid}: {self._failures} samples in a row failed; last: {key!r} of "
+                               f"{url}: {err}")

@@ -1,0 +1,56 @@
+"""Per-sample turn drawing (METHOD.md §5): one shared permutation, one candidate query per turn.
+
+The RNG is seeded from (global seed, epoch, sample key) through a stable hash, so the drawn turns do not
+depend on the worker, the rank, the shuffle buffer or Python's per-process hash salt: runs are reproducible
+and a resumed run draws what an uninterrupted one would have drawn for the same epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+def stable_seed(*parts: object) -> int:
+    """A 64-bit seed from the ``str()`` of each part (blake2b; independent of PYTHONHASHSEED)."""
+    h = hashlib.blake2b(digest_size=8)
+    for p in parts:
+        h.update(str(p).encode("utf-8"))
+        h.update(b"\x1f")  # separator: ("1", "23") and ("12", "3") must differ
+    return int.from_bytes(h.digest(), "little")
+
+
+def sample_rng(seed: int, epoch: int, key: str) -> random.Random:
+    """The per-sample RNG for (global seed, epoch, sample key)."""
+    return random.Random(stable_seed("sample", seed, epoch, key))
+
+
+def _fields(turn: Any) -> tuple[Sequence[str], str]:
+    if isinstance(turn, Mapping):
+        return turn["queries"], turn["target"]
+    return turn.queries, turn.target
+
+
+def draw_turns(
+    record_turns: Sequence[Any], num_turns: int, rng: random.Random
+) -> tuple[list[str], list[str]]:
+    """Draw ``num_turns`` of the record's turns in random order (a random permutation when K equals the
+    number of turns, else a random subset in random order); the same order applies to queries and targets,
+    so turn k of the query sequence still pairs with turn k of the target sequence.
+
+    ``record_turns`` holds :class:`muco.data.records.Turn` objects or mappings with ``queries``/``target``.
+    """
+    n = len(record_turns)
+    if not 1 <= num_turns <= n:
+        raise ValueError(f"cannot draw {num_turns} turns from a record with {n} turns")
+    order = rng.sample(range(n), num_turns)
+    queries, targets = [], []
+    for i in order:
+        cands, target = _fields(record_turns[i])
+        if not cands:
+            raise ValueError(f"turn {i} has no candidate query")
+        queries.append(cands[rng.randrange(len(cands))])
+        targets.append(target)
+    return queries, targets

@@ -1,0 +1,162 @@
+"""The MMEB harness: de-duplicate candidates, encode in batches, rank each query's own list by cosine.
+
+``encode_fn(user_texts, images) -> Tensor[n, d]`` is the only model interface. ``user_texts`` are the ``u`` of
+``BASE(u)`` (already normalised by :func:`muco.eval.text.to_user_text`, image placeholders as ``IMG``) and
+``images`` holds one PIL image or None per text. ``MuCoEncoder.encode_user_texts`` has exactly this signature;
+a training module can pass ``MuCoEncoder.from_parts(tokenizer, backbone, policy).encode_user_texts``. The
+harness calls it with at most ``batch_size`` items and L2-normalises what it returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from muco.eval.metrics import gold_rank, ranking_metrics
+from muco.eval.tasks import Task
+from muco.eval.text import candidates, query_text, to_user_text
+
+log = logging.getLogger(__name__)
+
+EncodeFn = Callable[[list[str], list[Image.Image | None]], torch.Tensor]
+ImageLoader = Callable[[Path], Image.Image]
+
+
+def load_image(path: Path) -> Image.Image:
+    """RGB image, fully read so the file handle is closed (the encoder applies the resolution policy)."""
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+@dataclass
+class TaskResult:
+    name: str
+    metrics: dict[str, float]
+    num_queries: int
+    num_candidates: int  # distinct candidates, each encoded once
+    num_candidate_refs: int  # entries over all candidate lists
+    name_conflicts: int  # same name but different text/image: the first one was kept
+    seconds: float
+    gold_ranks: list[int] = field(default_factory=list)
+    top1: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        """Everything except the per-query lists."""
+        d = asdict(self)
+        d.pop("gold_ranks")
+        d.pop("top1")
+        return d
+
+
+def encode_items(
+    encode_fn: EncodeFn,
+    texts: Sequence[str],
+    image_paths: Sequence[Path | None],
+    batch_size: int,
+    load: ImageLoader = load_image,
+) -> torch.Tensor:
+    """Embeddings [n, d] (fp32, L2-normalised, CPU) in input order; images are read one batch ahead."""
+    n = len(texts)
+    if n != len(image_paths):
+        raise ValueError(f"{n} texts but {len(image_paths)} image paths")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    # longest first: less padding per batch, and an out-of-memory shows up on the first batch
+    order = sorted(range(n), key=lambda i: (image_paths[i] is not None, len(texts[i])), reverse=True)
+    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    out: torch.Tensor | None = None
+    with ThreadPoolExecutor(max_workers=4) as pool:
+
+        def submit(batch: list[int]) -> list[Future | None]:
+            return [pool.submit(load, image_paths[i]) if image_paths[i] is not None else None for i in batch]
+
+        pending = submit(batches[0]) if batches else []
+        for k, batch in enumerate(batches):
+            futures, pending = pending, (submit(batches[k + 1]) if k + 1 < len(batches) else [])
+            images = [f.result() if f is not None else None for f in futures]
+            emb = encode_fn([texts[i] for i in batch], images)
+            if emb.ndim != 2 or emb.shape[0] != len(batch):
+                raise ValueError(f"encode_fn returned shape {tuple(emb.shape)} for {len(batch)} items")
+            emb = F.normalize(emb.detach().float().cpu(), dim=-1)
+            if out is None:
+                out = torch.empty(n, emb.shape[1])
+            out[torch.tensor(batch)] = emb
+    return out if out is not None else torch.empty(0, 0)
+
+
+def _image_path(root: Path | None, rel: str | None) -> Path | None:
+    if not rel:
+        return None
+    return Path(rel) if root is None else root / rel
+
+
+def evaluate_task(
+    encode_fn: EncodeFn, task: Task, batch_size: int = 32, load: ImageLoader = load_image
+) -> TaskResult:
+    """Encode each distinct candidate and every query once, rank every query's own list, score it."""
+    start = time.perf_counter()
+    root, mode = task.spec.image_root, task.spec.candidates
+    index: dict[str, int] = {}
+    c_text: list[str] = []
+    c_path: list[Path | None] = []
+    c_name: list[str] = []
+    lists: list[torch.Tensor] = []
+    refs = conflicts = 0
+    for qi, q in enumerate(task.queries):
+        cands = candidates(q, mode)
+        if not cands:
+            raise ValueError(f"task {task.name}: query {qi} has no candidates")
+        ids = []
+        for c in cands:
+            text, path = to_user_text(c.text), _image_path(root, c.image_path)
+            j = index.get(c.name)
+            if j is None:
+                j = index[c.name] = len(c_text)
+                c_text.append(text)
+                c_path.append(path)
+                c_name.append(c.name)
+            elif (c_text[j], c_path[j]) != (text, path):
+                conflicts += 1
+            ids.append(j)
+        refs += len(ids)
+        lists.append(torch.tensor(ids))
+    if conflicts:
+        log.warning("%s: %d candidate entries share a name with a different text/image; the first was kept",
+                    task.name, conflicts)
+
+    cand = encode_items(encode_fn, c_text, c_path, batch_size, load)
+    q_text = [to_user_text(query_text(q)) for q in task.queries]
+    q_path = [_image_path(root, q.qry_img_path) for q in task.queries]
+    qry = encode_items(encode_fn, q_text, q_path, batch_size, load)
+
+    scores, relevant, ranks, top1 = [], [], [], []
+    for qi, ids in enumerate(lists):
+        s = cand[ids] @ qry[qi]
+        r = ids == ids[0]  # same index <=> same name as the gold candidate
+        scores.append(s)
+        relevant.append(r)
+        ranks.append(gold_rank(s, r))
+        top1.append(c_name[int(ids[int(s.argmax())])])
+    result = TaskResult(
+        name=task.name, metrics=ranking_metrics(scores, relevant), num_queries=len(lists),
+        num_candidates=len(c_text), num_candidate_refs=refs, name_conflicts=conflicts,
+        seconds=time.perf_counter() - start, gold_ranks=ranks, top1=top1,
+    )
+    log.info("%s: %d queries, %d distinct candidates, P@1 %.4f (%.1f s)", task.name, result.num_queries,
+             result.num_candidates, result.metrics["precision@1"], result.seconds)
+    return result
+
+
+def evaluate_tasks(
+    encode_fn: EncodeFn, tasks: Sequence[Task], batch_size: int = 32
+) -> dict[str, dict[str, float]]:
+    """Metrics per task name; usable as a validation hook inside training (see the module docstring)."""
+    return {t.name: evaluate_task(encode_fn, t, batch_size).metrics for t in tasks}

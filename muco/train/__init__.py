@@ -1,0 +1,1 @@
+"""Training: the LightningModule, optimisation, sharding and training callbacks."""

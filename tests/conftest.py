@@ -1,0 +1,43 @@
+"""Shared fixtures: offline tokenizers, tiny models and small real images."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_tok():
+    from muco.model.tokenizer import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def qwen_tok():
+    """The real Qwen2 vocabulary, offline (about 2 s to build: once per session)."""
+    from muco.model.tokenizer import qwen_offline_tokenizer
+
+    return qwen_offline_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def photos() -> list[Image.Image]:
+    """Small real photos from scikit-image's bundled data."""
+    from skimage import data
+
+    out = []
+    for name in ("astronaut", "chelsea", "coffee", "rocket", "camera", "horse"):
+        arr = np.asarray(getattr(data, name)())
+        if arr.dtype == bool:
+            arr = arr.astype(np.uint8) * 255
+        im = Image.fromarray(arr).convert("RGB")
+        im.thumbnail((96, 96))
+        out.append(im)
+    return out

@@ -1,0 +1,329 @@
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from torch.utils.data import DataLoader
+
+from muco.data.datamodule import M3TDataModule
+from muco.data.image_policy import ImagePolicy
+from muco.data.stream import load_image, policy_target
+
+TINY = {"tokenizer": "tiny", "image_policy": "tiny"}
+
+
+def keys_of(loader) -> list[str]:
+    return [k for b in loader for k in b["keys"]]
+
+
+def rank_loader(dm: M3TDataModule, rank: int, world: int, workers: int) -> DataLoader:
+    return DataLoader(dm.make_dataset("train", rank=rank, world_size=world), batch_size=None,
+                      num_workers=workers)
+
+
+def test_batches_are_model_inputs(make_shards):
+    pattern, keys, _ = make_shards(n_shards=2, per_shard=4)
+    dm = M3TDataModule(pattern, batch_size=3, num_workers=0, turns_per_sample=4, samples_per_epoch=6, **TINY)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"query", "target", "num_turns", "keys", "stats"}
+    assert batch["num_turns"].tolist() == [4, 4, 4]
+    assert set(batch["query"]) >= {"input_ids", "attention_mask", "pixel_values", "image_grid_thw"}
+    assert "pixel_values" not in batch["target"]  # targets are text only
+    assert batch["stats"] == {"skipped": 0, "worker": "r0w0", "samples": 3, "epoch": 0}
+    assert set(batch["keys"]) <= set(keys)
+
+
+def test_two_ranks_two_workers_split_disjointly(make_shards):
+    pattern, keys, _ = make_shards(n_shards=8, per_shard=4)
+    dm = M3TDataModule(pattern, batch_size=2, num_workers=2, resampled=False, **TINY)
+    dm.setup("fit")
+    seen = {}
+    for rank in (0, 1):
+        batches = list(rank_loader(dm, rank, 2, workers=2))
+        assert {b["stats"]["worker"] for b in batches} == {f"r{rank}w0", f"r{rank}w1"}
+        seen[rank] = [k for b in batches for k in b["keys"]]
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == keys  # every sample exactly once
+
+
+def test_non_resampled_epoch_of_one_pass_has_no_duplicates(make_shards):
+    pattern, keys, manifest = make_shards(n_shards=8, per_shard=4)
+    dm = M3TDataModule(str(manifest), batch_size=2, num_workers=2, resampled=False, shuffle_buffer=50, **TINY)
+    dm.setup("fit")  # samples_per_epoch = 32 from the manifest: one pass; the pass repeats only after it
+    seen = [keys_of(rank_loader(dm, rank, 2, workers=2)) for rank in (0, 1)]
+    assert [len(s) for s in seen] == [16, 16]
+    assert sorted(seen[0] + seen[1]) == keys  # the shuffle buffer never pulls in the next pass
+
+
+def test_spawned_workers_split_by_the_explicit_rank(make_shards):
+    """Spawned workers do not inherit a process group; the split must not depend on one (STACK.md §9)."""
+    pattern, keys, manifest = make_shards(n_shards=4, per_shard=2)
+    dm = M3TDataModule(str(manifest), batch_size=2, num_workers=1, resampled=False, **TINY)
+    dm.setup("fit")
+    ds = dm.make_dataset("train", rank=1, world_size=2)
+    loader = DataLoader(ds, batch_size=None, num_workers=1, multiprocessing_context="spawn")
+    got = keys_of(loader)
+    assert len(got) == len(set(got)) == 4  # this rank's half (2 of 4 shards), each sample once
+    ref = keys_of(rank_loader(dm, 1, 2, workers=0))
+    assert sorted(got) == sorted(ref)  # the same shards as in-process
+
+
+def test_resampled_every_rank_gets_the_same_number_of_batches(make_shards):
+    pattern, _, _ = make_shards(n_shards=3, per_shard=5)  # 15 samples: shards are drawn with replacement
+    dm = M3TDataModule(pattern, batch_size=2, num_workers=2, samples_per_epoch=40, shuffle_buffer=8, **TINY)
+    dm.setup("fit")
+    per_rank = {}
+    for rank in (0, 1):
+        ds = dm.make_dataset("train", rank=rank, world_size=2)
+        assert len(ds) == 10  # 40 // (2 ranks * 2 images)
+        loader = DataLoader(ds, batch_size=None, num_workers=2)
+        per_rank[rank] = [tuple(b["keys"]) for b in loader]
+        counts = Counter(b for b in per_rank[rank])
+        assert len(per_rank[rank]) == 10 and sum(counts.values()) == 10
+    assert per_rank[0] != per_rank[1]  # seeds differ per rank
+
+
+def test_epochs_reseed_and_resume_moves_on(make_shards):
+    pattern, _, manifest = make_shards(n_shards=4, per_shard=4)
+    kw = dict(batch_size=4, num_workers=1, samples_per_epoch=16, shuffle_buffer=16, **TINY)
+    dm = M3TDataModule(str(manifest), **kw)
+    dm.setup("fit")
+    loader = dm.train_dataloader()  # persistent worker: the epoch reaches it through shared memory
+    epochs = [keys_of(loader) for _ in range(3)]
+    assert [len(e) for e in epochs] == [16, 16, 16]
+    assert epochs[0] != epochs[1] != epochs[2]
+    state = dm.state_dict()
+    assert state == {"epoch": 2, "samples_seen": 48, "seed": 0}
+
+    again = M3TDataModule(str(manifest), **kw)  # same seed: the same stream, epoch by epoch
+    again.setup("fit")
+    assert keys_of(again.train_dataloader()) == epochs[0]
+
+    resumed = M3TDataModule(str(manifest), **kw)
+    resumed.setup("fit")
+    resumed.load_state_dict({"epoch": 1, "samples_seen": 32, "seed": 0})
+    batches = list(resumed.train_dataloader())
+    assert batches[0]["stats"]["epoch"] == 2  # the next epoch's seed, not a replay of epoch 1
+    assert [k for b in batches for k in b["keys"]] == epochs[2]
+    assert resumed.state_dict()["samples_seen"] == 48
+
+
+def test_manifest_gives_the_epoch_length_and_weights_mix_sources(make_shards):
+    a, _, man_a = make_shards("a", n_shards=2, per_shard=8)
+    b, _, man_b = make_shards("b", n_shards=2, per_shard=8)
+    dm = M3TDataModule(str(man_a), batch_size=4, num_workers=0, **TINY)
+    dm.setup("fit")
+    assert dm.train_config.samples_per_epoch == 16  # from the manifest
+    assert len(dm.train_dataloader()) == 4
+    dm = M3TDataModule([str(man_a), b], train_weights=[3.0, 1.0], batch_size=4, num_workers=0,
+                       samples_per_epoch=400, **TINY)
+    dm.setup("fit")
+    src = Counter(k[0] for k in keys_of(dm.train_dataloader()))
+    assert src["a"] + src["b"] == 400
+    assert 0.65 < src["a"] / 400 < 0.85  # weight 3:1 per sample
+
+
+def _salted_shards(tmp_path: Path, jpegs, rec_json) -> tuple[list[str], list[str]]:
+    """One shard with each kind of bad sample between good ones, and one truncated shard."""
+    good: list[str] = []
+    salted = tmp_path / "salted-000000.tar"
+    with tarfile.open(salted, "w") as tar:
+        def add(key, members):
+            for ext, data in members:
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+        def rec(key, **kw):
+            return json.dumps(rec_json(key, **kw)).encode()
+
+        for i in range(3):
+            add(f"good{i}", [("jpg", jpegs[i]), ("json", rec(f"good{i}"))])
+            good.append(f"good{i}")
+        add("corrupt", [("jpg", b"\xff\xd8\xff garbage, not a JPEG"), ("json", rec("corrupt"))])
+        add("nojson", [("jpg", jpegs[0])])
+        add("fiveturns", [("jpg", jpegs[1]), ("json", rec("fiveturns", turns=5))])
+        empty = rec_json("emptyq")
+        empty["turns"][2]["queries"][0] = ""
+        add("emptyq", [("jpg", jpegs[2]), ("json", json.dumps(empty).encode())])
+        add("badjson", [("jpg", jpegs[2]), ("json", b'{"turns": [')])
+        for i in range(3, 5):
+            add(f"good{i}", [("jpg", jpegs[i]), ("json", rec(f"good{i}"))])
+            good.append(f"good{i}")
+    trunc = tmp_path / "salted-000001.tar"
+    with tarfile.open(trunc, "w") as tar:
+        for i in range(5, 8):
+            for ext, data in [("jpg", jpegs[i % len(jpegs)]), ("json", rec(f"good{i}"))]:
+                info = tarfile.TarInfo(f"good{i}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(trunc) as tar:
+        cut = tar.getmember("good7.jpg")
+    good += ["good5", "good6"]  # good7 is cut in half
+    data = trunc.read_bytes()
+    trunc.write_bytes(data[: cut.offset_data + cut.size // 2])
+    return [str(salted), str(trunc)], good
+
+
+def test_bad_samples_are_skipped_counted_and_logged(tmp_path, jpegs, rec_json, caplog):
+    shards, good = _salted_shards(tmp_path, jpegs, rec_json)
+    dm = M3TDataModule(shards, batch_size=1, num_workers=0, resampled=False, **TINY)
+    dm.setup("fit")
+    ds = dm.make_dataset("train")
+    with caplog.at_level(logging.WARNING, logger="muco.data"):
+        batches = list(DataLoader(ds, batch_size=None, num_workers=0))
+    assert sorted(k for b in batches for k in b["keys"]) == sorted(good)  # every good sample arrives
+    # corrupt JPEG, missing json, 5 turns, empty query, bad JSON, truncated tar: each counted once
+    assert ds.stats == {"skipped": 6, "samples": 7}
+    assert max(b["stats"]["skipped"] for b in batches) <= 6
+    # warnings name shard and key; rate-limited: the first 5 in full, the 6th within 30 s suppressed
+    bad = {"corrupt": 0, "nojson": 0, "fiveturns": 0, "emptyq": 0, "badjson": 0, "good7": 1}
+    assert len(caplog.records) == 5
+    for rec in caplog.records:
+        msg = rec.getMessage()
+        key = msg.split("'")[1]
+        assert msg.startswith(f"skipped sample '{key}' of shard {shards[bad[key]]}: ")
+
+
+def test_skip_log_is_rate_limited(caplog, monkeypatch):
+    from muco.data import stream
+
+    clock = [100.0]
+    monkeypatch.setattr(stream.time, "monotonic", lambda: clock[0])
+    skip = stream._SkipLog(first=2, interval=10.0)
+    with caplog.at_level(logging.WARNING, logger="muco.data"):
+        for i in range(6):
+            skip("r0w0", "s.tar", f"k{i}", "bad", i + 1)
+        clock[0] += 11
+        skip("r0w0", "s.tar", "k6", "bad", 7)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 3 and "'k6'" in msgs[2] and "(4 similar warnings suppressed)" in msgs[2]
+
+
+def test_bad_samples_do_not_stop_real_workers(tmp_path, jpegs, rec_json):
+    shards, good = _salted_shards(tmp_path, jpegs, rec_json)
+    dm = M3TDataModule(shards, batch_size=1, num_workers=2, resampled=False, **TINY)
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert sorted(k for b in batches for k in b["keys"]) == sorted(good)
+    assert {b["stats"]["worker"] for b in batches} == {"r0w0", "r0w1"}
+
+
+def test_validation_reads_everything_once_with_partial_batches(make_shards):
+    train, _, _ = make_shards("train", n_shards=2, per_shard=4)
+    val, val_keys, _ = make_shards("val", n_shards=3, per_shard=3)
+    dm = M3TDataModule(train, val_shards=val, batch_size=4, num_workers=2, samples_per_epoch=8, **TINY)
+    dm.setup("fit")
+    assert sorted(keys_of(dm.val_dataloader())) == val_keys  # 9 samples: the partial batch is kept
+    two = [keys_of(DataLoader(dm.make_dataset("val", r, 2), batch_size=None)) for r in (0, 1)]
+    assert not set(two[0]) & set(two[1]) and sorted(two[0] + two[1]) == val_keys
+    assert keys_of(dm.val_dataloader()) == keys_of(dm.val_dataloader())  # fixed order and turns
+
+
+def _setup_error(**kw):
+    dm = M3TDataModule(**{"batch_size": 2, "num_workers": 0, "samples_per_epoch": 8, **TINY, **kw})
+    return dm.setup("fit")
+
+
+def test_early_errors(make_shards, tmp_path, monkeypatch):
+    pattern, _, manifest = make_shards(n_shards=4, per_shard=2)
+    with pytest.raises(FileNotFoundError, match="no shard matched"):
+        _setup_error(train_shards=str(tmp_path / "nowhere-{000..003}.tar"))
+    with pytest.raises(FileNotFoundError, match="do not exist.*brace range"):
+        _setup_error(train_shards=pattern.replace("000003", "000009"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="manifest .* is invalid"):
+        _setup_error(train_shards=str(bad))
+    with pytest.raises(FileNotFoundError, match="manifest .* does not exist"):
+        _setup_error(train_shards=str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match=r"turns_per_sample=8 .* only 7 turns"):
+        _setup_error(train_shards=pattern, turns_per_sample=8)
+    with pytest.raises(ValueError, match="smaller than world_size\\*batch_size"):
+        _setup_error(train_shards=pattern, samples_per_epoch=1)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        _setup_error(train_shards=pattern, batch_size=0)
+    with pytest.raises(ValueError, match="samples_per_epoch is required"):
+        _setup_error(train_shards=pattern, samples_per_epoch=None)
+    with pytest.raises(ValueError, match="one weight per source"):
+        _setup_error(train_shards=[pattern], train_weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="unknown image policy"):
+        _setup_error(train_shards=pattern, image_policy="huge")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="world_size\\*num_workers=6 shards per source.*has 4"):
+        _setup_error(train_shards=str(manifest), resampled=False, num_workers=3)
+    _setup_error(train_shards=str(manifest), resampled=False, num_workers=2)  # 4 shards are enough
+
+
+def test_single_resize_to_the_processors_size(photos):
+    """The stream resizes once; neither ``policy.prepare`` nor the processor changes the size again."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    big = photos[0].resize((300, 300))
+    big.save(buf, format="PNG")
+    for name in ("tiny", "pretrain", "eval"):
+        policy = ImagePolicy.preset(name)
+        im = load_image(buf.getvalue(), policy)
+        assert policy.prepare(im).size == im.size
+        proc = policy.image_processor()
+        grid = proc(images=[im], return_tensors="np")["image_grid_thw"][0]
+        ref = proc(images=[policy.prepare(big)], return_tensors="np")
+        assert (grid == ref["image_grid_thw"][0]).all()
+        if policy.short_side is None:  # no draft for PNG: identical pixels to the processor's own path
+            np.testing.assert_array_equal(proc(images=[im], return_tensors="np")["pixel_values"],
+                                          ref["pixel_values"])
+    tiny = ImagePolicy.preset("tiny")  # a 10x20 image: upsampled by prepare, then by the processor
+    (w, h), _ = policy_target(tiny, 10, 20)
+    grid = tiny.image_processor()(images=[tiny.prepare(photos[0].resize((10, 20)))])["image_grid_thw"][0]
+    assert (h // 14, w // 14) == tuple(grid[1:].tolist())
+
+
+def test_lightning_fit_epochs_checkpoint_and_resume(make_shards, tmp_path):
+    import torch
+    from lightning.pytorch import LightningModule, Trainer
+
+    class Probe(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.seen: list[tuple[int, int]] = []
+            self.val_keys: list[str] = []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append((self.current_epoch, batch["stats"]["epoch"]))
+            return ((self.w - batch["num_turns"].float().mean()) ** 2).sum()
+
+        def validation_step(self, batch, batch_idx):
+            self.val_keys += batch["keys"]
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    train, _, _ = make_shards("train", n_shards=2, per_shard=4)
+    val, val_keys, _ = make_shards("val", n_shards=1, per_shard=3)
+
+    def run(max_epochs: int, ckpt: str | None = None) -> tuple[Probe, Trainer]:
+        dm = M3TDataModule(train, val_shards=val, batch_size=2, num_workers=1, samples_per_epoch=6, **TINY)
+        model = Probe()
+        trainer = Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False,
+                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                          num_sanity_val_steps=0, default_root_dir=tmp_path)
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
+        return model, trainer
+
+    model, trainer = run(2)
+    assert model.seen == [(0, 0)] * 3 + [(1, 1)] * 3  # 6 // 2 batches per epoch; workers follow the epoch
+    assert sorted(model.val_keys) == sorted(val_keys * 2)  # validated after each epoch, all samples
+    ckpt = str(tmp_path / "last.ckpt")
+    trainer.save_checkpoint(ckpt)
+    assert torch.load(ckpt, weights_only=False)["M3TDataModule"] == {"epoch": 1, "samples_seen": 12, "seed": 0}
+    resumed, _ = run(3, ckpt)
+    assert resumed.seen == [(2, 2)] * 3
