@@ -28,6 +28,14 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def register_resolvers() -> None:
+    """`${mul:a,b}` for configs (e.g. FSDP's data_parallel_size = devices x num_nodes)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("mul"):
+        OmegaConf.register_new_resolver("mul", lambda a, b: int(a) * int(b))
+
+
 def run_lightning_cli(argv: Sequence[str] | None) -> None:
     """LightningCLI on `argv` (None: the process's own command line)."""
     import jsonargparse
@@ -43,6 +51,7 @@ def run_lightning_cli(argv: Sequence[str] | None) -> None:
 
     # `omegaconf+` resolves ${...} after overrides are merged; absolute paths need this setting (STACK.md §8)
     jsonargparse.set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    register_resolvers()
     MuCoCLI(
         MuCoModule,
         LightningDataModule,

@@ -41,3 +41,11 @@ def photos() -> list[Image.Image]:
         im.thumbnail((96, 96))
         out.append(im)
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """The demo's digit shards and eval tasks, written once per test session (about 2 s)."""
+    from muco.demo.build import build_demo_data
+
+    return build_demo_data(tmp_path_factory.mktemp("demo"))

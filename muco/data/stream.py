@@ -72,33 +72,36 @@ class StreamConfig:
 
 
 def policy_target(policy: ImagePolicy, w: int, h: int) -> tuple[tuple[int, int], Image.Resampling]:
-    """Size (and filter) to resize a ``w``x``h`` image to once, so neither ``policy.prepare`` nor the
-    processor resizes again. Mirrors ``ImagePolicy.prepare``: with a short side the target is prepare's
-    output (prepare is then a no-op; the processor still rounds to multiples of 28), otherwise it is the
-    processor's own ``smart_resize`` target, which both later steps leave unchanged.
+    """The final size ``policy.prepare`` + the processor's ``smart_resize`` give a ``w``x``h`` image, and the
+    filter to reach it in one resize: the policy's LANCZOS when it has a short side (one resampling instead
+    of LANCZOS to the short side, then BICUBIC to multiples of 28), else the processor's BICUBIC (then the
+    pixels equal the stock path's). Mirrors ``ImagePolicy.prepare``; the tests check the grids agree.
     """
+    resample = Image.Resampling.BICUBIC
     if policy.short_side is not None:
+        resample = Image.Resampling.LANCZOS
         if min(w, h) != policy.short_side:
             s = policy.short_side / min(w, h)
             w, h = max(1, round(w * s)), max(1, round(h * s))
-        if min(w, h) >= MIN_SIDE:
-            return (w, h), Image.Resampling.LANCZOS
     if min(w, h) < MIN_SIDE:
         s = MIN_SIDE / min(w, h)
         w, h = max(MIN_SIDE, round(w * s)), max(MIN_SIDE, round(h * s))
     th, tw = smart_resize(h, w, factor=FACTOR, min_pixels=policy.min_pixels, max_pixels=policy.max_pixels)
-    return (tw, th), Image.Resampling.BICUBIC
+    return (tw, th), resample
 
 
 def load_image(data: bytes, policy: ImagePolicy) -> Image.Image:
-    """Decode (JPEG at a reduced DCT scale when that still covers the target) and resize once."""
+    """Decode (JPEG at a reduced DCT scale when that still covers the target) and resize once, to the
+    processor's final size (see ``muco.data.presized``)."""
     im = Image.open(io.BytesIO(data))
     w, h = im.size
     if max(w, h) > 200 * min(w, h):
         raise BadSampleError(f"aspect ratio {w}x{h} > 200")
     size, resample = policy_target(policy, w, h)
     im.draft("RGB", size)  # no-op unless JPEG; the drafted image is never smaller than `size`
-    im = im.convert("RGB")
+    im.load()  # decode now: a corrupt file fails here, inside the skip handler
+    if im.mode != "RGB":
+        im = im.convert("RGB")
     return im if im.size == size else im.resize(size, resample)
 
 
