@@ -4,9 +4,12 @@ DataModule path: tar -> JPEG decode -> policy resize -> record validation -> tur
 tokenisation -> Qwen2-VL image processor -> collation, in the DataLoader workers (the real train loader).
 Bare path: webdataset ``decode("pil")`` -> one resize to the policy's target size -> uint8 tensor.
 Both use the same shards, worker count and ``batch_size=None`` loaders; timing starts at the first item,
-so worker start-up is excluded. The last line reads ``ratio=<DataModule samples/s / bare samples/s>``.
+so worker start-up is excluded; each path runs ``--repeats`` times, alternating, and its best run counts
+(the build machines' throughput is noisy). ``--proposed`` also times the DataModule with a collator that
+ships uint8 patches without the temporal copy (a proposed format: normalise and duplicate on the device).
+The last line reads ``ratio=<DataModule samples/s / bare samples/s>``.
 
-    python benchmarks/bench_loader.py --count 512 --workers 2 --policy pretrain [--profile]
+    python benchmarks/bench_loader.py --count 512 --workers 2 --policy pretrain [--profile] [--proposed]
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from muco.data.collate import PretrainCollator
 from muco.data.datamodule import M3TDataModule
 from muco.data.image_policy import ImagePolicy
+from muco.data.presized import PATCH, FastQwen2VLProcessor, PresizedPolicy
 from muco.data.shards import ShardWriter, write_manifest
 from muco.data.stream import decode_sample, policy_target
 
@@ -104,10 +109,35 @@ def bench_bare(manifest: Path, policy: ImagePolicy, workers: int) -> float:
     return n / dt
 
 
-def bench_datamodule(manifest: Path, args: argparse.Namespace) -> float:
+class Uint8Processor(FastQwen2VLProcessor):
+    """Proposed batch format: (rows, 3*14*14) uint8 patches; normalisation and the temporal copy move to
+    the device. Same patch order and grids as the real processor."""
+
+    def __call__(self, images, return_tensors: str = "pt") -> dict[str, torch.Tensor]:
+        grids = [(1, im.height // PATCH, im.width // PATCH) for im in images]
+        out = torch.empty((sum(g[1] * g[2] for g in grids), 3 * PATCH * PATCH), dtype=torch.uint8)
+        view, at = out.numpy(), 0
+        for im, (_, gh, gw) in zip(images, grids):
+            a = np.asarray(im)
+            bh, bw = gh // 2, gw // 2
+            view[at : at + gh * gw].reshape(bh, bw, 2, 2, 3, PATCH, PATCH)[...] = (
+                a.reshape(bh, 2, PATCH, bw, 2, PATCH, 3).transpose(0, 3, 1, 4, 6, 2, 5))
+            at += gh * gw
+        return {"pixel_values": out, "image_grid_thw": torch.tensor(grids, dtype=torch.long)}
+
+
+class Uint8Policy(PresizedPolicy):
+    def image_processor(self) -> Uint8Processor:
+        return Uint8Processor(self)
+
+
+def bench_datamodule(manifest: Path, args: argparse.Namespace, proposed: bool = False) -> float:
     dm = M3TDataModule(str(manifest), batch_size=args.batch_size, num_workers=args.workers, resampled=False,
                        shuffle_buffer=64, tokenizer=args.tokenizer, image_policy=args.policy)
     dm.setup("fit")
+    if proposed:
+        policy = ImagePolicy.preset(args.policy)
+        dm.collator = PretrainCollator(dm.collator.encoder.tokenizer, Uint8Policy(**vars(policy)))
     n, dt = timed(dm.train_dataloader(), lambda b: len(b["keys"]))
     return n / dt
 
@@ -136,7 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--per-shard", type=int, default=32)
     p.add_argument("--short-side", type=int, nargs=2, default=(560, 720), help="range of image short sides")
+    p.add_argument("--repeats", type=int, default=2, help="runs per path, alternating; the best counts")
     p.add_argument("--profile", action="store_true", help="print a cProfile of the DataModule's work")
+    p.add_argument("--proposed", action="store_true", help="also time the proposed uint8 batch format")
     args = p.parse_args(argv)
     policy = ImagePolicy.preset(args.policy)
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,10 +179,18 @@ def main(argv: list[str] | None = None) -> None:
               f"batch={args.batch_size} tokenizer={args.tokenizer} torch_threads={torch.get_num_threads()}")
         if args.profile:
             profile(manifest, args)
-        bare = bench_bare(manifest, policy, args.workers)
-        print(f"bare decode + resize: {bare:.1f} samples/s ({bare / max(1, args.workers):.1f} per worker)")
-        full = bench_datamodule(manifest, args)
-        print(f"M3TDataModule:        {full:.1f} samples/s ({full / max(1, args.workers):.1f} per worker)")
+        bare = full = prop = 0.0
+        for _ in range(args.repeats):
+            bare = max(bare, bench_bare(manifest, policy, args.workers))
+            full = max(full, bench_datamodule(manifest, args))
+            if args.proposed:
+                prop = max(prop, bench_datamodule(manifest, args, proposed=True))
+        per = max(1, args.workers)
+        print(f"bare decode + resize: {bare:.1f} samples/s ({bare / per:.1f} per worker)")
+        if args.proposed:
+            print(f"proposed uint8 batch: {prop:.1f} samples/s ({prop / per:.1f} per worker), "
+                  f"ratio {prop / bare:.2f}")
+        print(f"M3TDataModule:        {full:.1f} samples/s ({full / per:.1f} per worker)")
     print(f"ratio={full / bare:.2f}")
 
 

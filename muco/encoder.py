@@ -142,6 +142,24 @@ class MuCoEncoder:
         model.eval()
         return cls(tok, Embedder(model, ids.emb), as_policy(image_policy, stored), device, autocast_dtype)
 
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        image_policy: ImagePolicy | str | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        autocast_dtype: str | torch.dtype | None = None,
+    ) -> MuCoEncoder:
+        """A Lightning checkpoint of a muco run; the policy defaults to the module's `eval_image_policy`."""
+        from muco.train.checkpoint import load_module
+
+        module = load_module(path)
+        if dtype is not None:
+            module.to(as_dtype(dtype))
+        policy = as_policy(image_policy, ImagePolicy.preset(getattr(module, "eval_image_policy", "eval")))
+        return cls(module.tokenizer, module.embedder, policy, device, autocast_dtype)
+
     # ---- properties ---------------------------------------------------------------------------------------
     @property
     def backbone(self) -> nn.Module:
@@ -221,7 +239,7 @@ def load_encoder(path: str | Path, **kwargs: Any) -> MuCoEncoder:
     """Load an encoder from whatever ``path`` is; ``kwargs`` go to the loader (device, image_policy, ...).
 
     Supported: an exported Hugging Face-format directory (``config.json`` + weights, as ``muco export``
-    writes). Lightning checkpoints are recognised but not handled here yet.
+    writes) and a Lightning checkpoint of a muco training run (``.ckpt``).
     """
     p = Path(path)
     if not p.exists():
@@ -229,7 +247,7 @@ def load_encoder(path: str | Path, **kwargs: Any) -> MuCoEncoder:
     if p.is_dir() and (p / "config.json").is_file():
         return MuCoEncoder.from_pretrained(p, **kwargs)
     if p.suffix == ".ckpt" or (p.is_dir() and any(p.glob("*.distcp"))):
-        raise NotImplementedError(f"{p} is a Lightning checkpoint; loading those is not wired in yet")
+        return MuCoEncoder.from_checkpoint(p, **kwargs)
     raise ValueError(
         f"cannot load an encoder from {p}: expected an exported model directory (config.json + "
         "model.safetensors + tokenizer files, as written by `muco export`)"

@@ -7,6 +7,7 @@ Batches are right-padded and never truncated: truncation would lose ``<|emb|>`` 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,11 @@ from transformers import PreTrainedTokenizerBase
 from muco.data.image_policy import ImagePolicy
 from muco.data.templates import IMAGE_PAD, find_reserved, pretrain_query_turns, pretrain_template
 from muco.model.tokenizer import SpecialTokenIds
+
+
+def text_id(text: str) -> int:
+    """A stable 63-bit id of a text (equal texts, equal ids, in every process), for same-text masking."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
 
 
 class BadSampleError(ValueError):
@@ -112,6 +118,8 @@ class PretrainCollator:
             "query": self.encoder(q_texts, images),
             "target": self.encoder(t_texts, [None] * len(samples)),
             "num_turns": torch.tensor([len(s.queries) for s in samples], dtype=torch.long),
+            # sample-major, turn order: row k of the pooled targets
+            "target_text_id": torch.tensor([text_id(t) for s in samples for t in s.targets], dtype=torch.long),
             "keys": [s.key for s in samples],
         }
 

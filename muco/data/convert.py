@@ -22,6 +22,7 @@ from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -143,14 +144,8 @@ def _prepare_chunk(kind: str, items: list[tuple[int, Any, str | None]], opts: Co
 
 
 def _chunks(items: Iterable[tuple[int, Any, str | None]]) -> Iterator[list]:
-    chunk: list = []
-    for it in items:
-        chunk.append(it)
-        if len(chunk) == CHUNK:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+    it = iter(items)
+    return iter(lambda: list(islice(it, CHUNK)), [])
 
 
 def _results(kind: str, items: Iterable, opts: ConvertOptions, workers: int) -> Iterator[tuple]:

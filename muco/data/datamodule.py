@@ -33,6 +33,7 @@ from muco.data.image_policy import ImagePolicy
 from muco.data.presized import PresizedPolicy
 from muco.data.shards import ShardSet, is_remote, peek_first_json, resolve_shards
 from muco.data.stream import M3TStream, SharedEpoch, StreamConfig
+from muco.data.turns import TURN_ORDERS
 
 log = logging.getLogger("muco.data")
 
@@ -69,6 +70,7 @@ class M3TDataModule(LightningDataModule):
         val_batch_size: int | None = None,
         num_workers: int = 2,
         turns_per_sample: int = 7,
+        turn_order: str = "sample",
         resampled: bool = True,
         shuffle_buffer: int = 1000,
         samples_per_epoch: int | None = None,
@@ -83,9 +85,11 @@ class M3TDataModule(LightningDataModule):
         ``train_weights`` each list entry is one source, mixed per sample with those weights.
         ``batch_size`` is per device, in images; ``samples_per_epoch`` is global (all ranks)."""
         super().__init__()
+        self.save_hyperparameters()  # stored in checkpoints, so a run's data config can be recovered
         self.train_shards, self.val_shards, self.train_weights = train_shards, val_shards, train_weights
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
         self.turns_per_sample, self.resampled = turns_per_sample, resampled
+        self.turn_order = turn_order
         self.shuffle_buffer = shuffle_buffer
         self.samples_per_epoch, self.seed = samples_per_epoch, seed
         self.tokenizer, self.image_policy = tokenizer, image_policy
@@ -94,7 +98,7 @@ class M3TDataModule(LightningDataModule):
         self.train_config: StreamConfig | None = None
         self.val_config: StreamConfig | None = None
         self.collator: PretrainCollator | None = None
-        self._shared_epoch = SharedEpoch(0)
+        self._shared_epoch: SharedEpoch | None = None  # created in setup (holds shared memory)
         self._data_epoch = -1  # last epoch handed to an iterator
         self._min_epoch = 0  # the next iterator's epoch is at least this (raised on resume)
         self.samples_seen = 0  # this rank's samples delivered to training
@@ -104,11 +108,15 @@ class M3TDataModule(LightningDataModule):
         rank, world = self.dist_info()
         if self.batch_size < 1 or (self.val_batch_size is not None and self.val_batch_size < 1):
             raise ValueError(f"data.batch_size must be >= 1 (images per device), got {self.batch_size}")
+        if self.turn_order not in TURN_ORDERS:
+            raise ValueError(f"data.turn_order={self.turn_order!r}; choose one of {TURN_ORDERS}")
         if self.turns_per_sample < 1:
             raise ValueError(f"data.turns_per_sample must be >= 1, got {self.turns_per_sample}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
         policy = ImagePolicy.preset(self.image_policy)
+        if self._shared_epoch is None:
+            self._shared_epoch = SharedEpoch(max(0, self._data_epoch))
         if stage in (None, "fit"):
             self.train_config = self._train_config(policy, world)
         if self.val_shards is not None and stage in (None, "fit", "validate"):
@@ -161,7 +169,7 @@ class M3TDataModule(LightningDataModule):
             sources=[s.urls for s in sets], batch_size=self.batch_size,
             turns_per_sample=self.turns_per_sample, image_policy=policy, weights=self.train_weights,
             expected_turns=expected, resampled=self.resampled, shuffle_buffer=self.shuffle_buffer,
-            seed=self.seed, samples_per_epoch=per_epoch, train=True)
+            seed=self.seed, samples_per_epoch=per_epoch, train=True, turn_order=self.turn_order)
 
     def _specs(self) -> list:
         if self.train_weights is None:
@@ -224,6 +232,7 @@ class M3TDataModule(LightningDataModule):
         epoch = trainer.current_epoch if trainer is not None else self._data_epoch + 1
         epoch = max(epoch, self._min_epoch)  # never reuse an epoch's seeds, e.g. after a resume
         self._data_epoch, self._min_epoch = epoch, epoch + 1
+        assert self._shared_epoch is not None  # created in setup()
         self._shared_epoch.set_value(epoch)
 
     def _count(self, batch: dict) -> None:

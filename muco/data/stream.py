@@ -35,7 +35,7 @@ from webdataset.tariterators import base_plus_ext
 from muco.data.collate import BadSampleError, PretrainCollator, PretrainSample
 from muco.data.image_policy import MIN_SIDE, ImagePolicy
 from muco.data.records import M3TRecord
-from muco.data.turns import draw_turns, sample_rng, stable_seed
+from muco.data.turns import draw_turns, permute_turns, sample_rng, stable_seed
 
 log = logging.getLogger("muco.data")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -69,6 +69,10 @@ class StreamConfig:
     seed: int = 0
     samples_per_epoch: int | None = None  # global; None: one pass over each rank's shards
     train: bool = True  # False: no shuffling, epoch fixed to 0, partial last batch kept
+    # "sample": every sample draws its own turn order (METHOD.md §5, default); "batch": one random order
+    # shared by all samples of a batch, so turn positions carry no sample identity (used by the demo, whose
+    # label-derived texts would otherwise let the model match query and target by turn order alone)
+    turn_order: str = "sample"
 
 
 def policy_target(policy: ImagePolicy, w: int, h: int) -> tuple[tuple[int, int], Image.Resampling]:
@@ -118,7 +122,8 @@ def decode_sample(raw: dict[str, Any], cfg: StreamConfig, epoch: int) -> Pretrai
     if (cfg.expected_turns is not None and n != cfg.expected_turns) or n < cfg.turns_per_sample:
         raise BadSampleError(f"has {n} turns, expected {cfg.expected_turns or cfg.turns_per_sample}")
     image = load_image(raw[ext], cfg.image_policy)
-    queries, targets = draw_turns(record.turns, cfg.turns_per_sample, sample_rng(cfg.seed, epoch, key))
+    queries, targets = draw_turns(record.turns, cfg.turns_per_sample, sample_rng(cfg.seed, epoch, key),
+                                  shuffle=cfg.turn_order == "sample")
     return PretrainSample(key=key, image=image, queries=queries, targets=targets)
 
 
@@ -168,6 +173,7 @@ class M3TStream(IterableDataset):
         self.stats = {"skipped": 0, "samples": 0}  # per worker process; cumulative while it lives
         self._skip_log = _SkipLog()
         self._failures = 0
+        self._batch_no = 0
 
     def __len__(self) -> int:
         if self.num_batches is None:
@@ -177,7 +183,7 @@ class M3TStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         w, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        wid = f"r{self.rank}w{w}"
+        wid = f"r{self.rank}w{w}" if self.cfg.train else f"val-r{self.rank}w{w}"
         epoch = self.epoch.get_value() if (self.epoch is not None and self.cfg.train) else 0
         batches = self._batches(self._samples(epoch, w, nw, wid), epoch, wid)
         if self.num_batches is not None:  # split over workers
@@ -270,10 +276,21 @@ class M3TStream(IterableDataset):
         for s in samples:
             buf.append(s)
             if len(buf) == bs:
-                yield from self._collate(buf, epoch, wid)
+                yield from self._collate(self._batch_order(buf, epoch, wid), epoch, wid)
                 buf = []
         if buf and not self.cfg.train:  # drop_last for training only
             yield from self._collate(buf, epoch, wid)
+
+    def _batch_order(self, buf: list[PretrainSample], epoch: int, wid: str) -> list[PretrainSample]:
+        if self.cfg.turn_order != "batch":
+            return buf
+        self._batch_no += 1
+        k = self.cfg.turns_per_sample
+        order = random.Random(stable_seed("batch-order", self.cfg.seed, epoch, wid, self._batch_no)).sample(
+            range(k), k)
+        for s in buf:
+            s.queries, s.targets = permute_turns(s.queries, s.targets, order)
+        return buf
 
     def _collate(self, buf: list[PretrainSample], epoch: int, wid: str) -> Iterator[dict[str, Any]]:
         try:

@@ -33,19 +33,25 @@ def _fields(turn: Any) -> tuple[Sequence[str], str]:
     return turn.queries, turn.target
 
 
+TURN_ORDERS = ("sample", "batch")
+
+
 def draw_turns(
-    record_turns: Sequence[Any], num_turns: int, rng: random.Random
+    record_turns: Sequence[Any], num_turns: int, rng: random.Random, shuffle: bool = True
 ) -> tuple[list[str], list[str]]:
     """Draw ``num_turns`` of the record's turns in random order (a random permutation when K equals the
     number of turns, else a random subset in random order); the same order applies to queries and targets,
     so turn k of the query sequence still pairs with turn k of the target sequence.
 
-    ``record_turns`` holds :class:`muco.data.records.Turn` objects or mappings with ``queries``/``target``.
+    With ``shuffle=False`` the drawn subset keeps the stored order (a batch-level order is applied later, see
+    :func:`permute_turns`). ``record_turns`` holds :class:`muco.data.records.Turn` objects or mappings with ``queries``/``target``.
     """
     n = len(record_turns)
     if not 1 <= num_turns <= n:
         raise ValueError(f"cannot draw {num_turns} turns from a record with {n} turns")
     order = rng.sample(range(n), num_turns)
+    if not shuffle:
+        order.sort()
     queries, targets = [], []
     for i in order:
         cands, target = _fields(record_turns[i])
@@ -54,3 +60,8 @@ def draw_turns(
         queries.append(cands[rng.randrange(len(cands))])
         targets.append(target)
     return queries, targets
+
+
+def permute_turns(queries: list[str], targets: list[str], order: Sequence[int]) -> tuple[list[str], list[str]]:
+    """Apply one turn order to a sample's queries and targets alike (``turn_order="batch"``)."""
+    return [queries[i] for i in order], [targets[i] for i in order]

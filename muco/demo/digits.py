@@ -67,10 +67,15 @@ def split(digits: list[Digit], held_out: int = 297, seed: int = 0) -> tuple[list
 
 
 def record(d: Digit) -> dict:
-    """Our record schema (METHOD.md §2.3) for one digit; the image is stored next to it."""
+    """Our record schema (METHOD.md §2.3) for one digit; the image is stored next to it.
+
+    Texts end with a newline, as MMEB-format evaluation texts do (METHOD.md §12), so the demo's short answers
+    ("five.") look the same in training turns and as evaluation candidates.
+    """
     return {
         "key": d.key,
-        "turns": [{"task": t, "queries": list(qs), "target": fn(d.label)} for t, qs, fn in TURNS],
+        "turns": [{"task": t, "queries": [q + "\n" for q in qs], "target": fn(d.label) + "\n"}
+                  for t, qs, fn in TURNS],
         "caption": TURNS[-1][2](d.label),
     }
 

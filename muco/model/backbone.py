@@ -75,6 +75,18 @@ class BackboneConfig:
     gradient_checkpointing: bool = False
     seed: int = 0  # random-init seed, so every rank builds the same weights
 
+    @classmethod
+    def coerce(cls, value: BackboneConfig | dict | None) -> BackboneConfig:
+        """Accept the dict form that saved hyper-parameters come back as."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        fields = dict(value)
+        if isinstance(fields.get("adapter"), dict):
+            fields["adapter"] = AdapterConfig(**fields["adapter"])
+        return cls(**fields)
+
 
 def preset_config(preset: str, ids: SpecialTokenIds, vocab_size: int) -> Qwen2VLConfig:
     if preset not in PRESETS:

@@ -37,9 +37,14 @@ class MuCoModule(LightningModule):
         temperature: τ of the InfoNCE (0.02, fixed, as in paper and released code).
         learnable_temperature: learn log τ instead (off by default).
         symmetric_loss: add the target→query term (off, as in the released code).
+        mask_same_text: also mask in-batch targets whose text equals the row's positive (identical answers of
+            different images are false negatives; off by default, as in the paper).
         optim: AdamW and the learning-rate schedule.
         save_frozen_weights: also store frozen weights in checkpoints; they are rebuilt from ``backbone``
             otherwise, which keeps a LoRA checkpoint of a 7B model small.
+        eval_image_policy: resolution preset for MMEB-format evaluation (in `fit` and of this checkpoint).
+        val_tasks: an MMEB-format task list (YAML) run at the end of every validation epoch, logged under
+            ``val/<task>/precision@1`` and ``val/overall``; ``val_task_limit`` queries per task.
     """
 
     def __init__(
@@ -49,21 +54,29 @@ class MuCoModule(LightningModule):
         temperature: float = 0.02,
         learnable_temperature: bool = False,
         symmetric_loss: bool = False,
+        mask_same_text: bool = False,
         optim: OptimConfig | None = None,
         save_frozen_weights: bool = False,
+        eval_image_policy: str = "eval",
+        val_tasks: str | None = None,
+        val_task_limit: int | None = 100,
+        eval_batch_size: int = 32,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.backbone_cfg = backbone or BackboneConfig()
-        self.optim_cfg = optim or OptimConfig()
+        self.backbone_cfg = BackboneConfig.coerce(backbone)
+        self.optim_cfg = OptimConfig.coerce(optim)
         self.tokenizer = build_tokenizer(tokenizer)
         self.token_ids = SpecialTokenIds.from_tokenizer(self.tokenizer)
         self.embedder = Embedder(build_backbone(self.backbone_cfg, self.tokenizer), self.token_ids.emb)
         self.temperature = Temperature(temperature, learnable=learnable_temperature)
         self.symmetric_loss = symmetric_loss
+        self.mask_same_text = mask_same_text
         self.save_frozen_weights = save_frozen_weights
         # frozen weights may be left out of checkpoints (rebuilt from the backbone config on load)
         self.strict_loading = save_frozen_weights
+        self.eval_image_policy = eval_image_policy
+        self.val_tasks, self.val_task_limit, self.eval_batch_size = val_tasks, val_task_limit, eval_batch_size
         self._sharded = False
         self._skipped: dict[str, int] = {}
 
@@ -81,7 +94,9 @@ class MuCoModule(LightningModule):
         t = self.embedder(batch["target"], num_turns, keys)
         # global image ids: ranks hold equal batch sizes (the DataModule drops partial batches)
         gid = self.global_rank * len(keys) + q.sample_id
-        out = pretrain_loss(q.emb, t.emb, gid, tau=self.temperature(), symmetric=self.symmetric_loss)
+        text_ids = batch.get("target_text_id") if self.mask_same_text else None
+        out = pretrain_loss(q.emb, t.emb, gid, tau=self.temperature(), symmetric=self.symmetric_loss,
+                            positive_text_id=text_ids, mask_same_text=self.mask_same_text)
         bs = len(keys)
         self.log(f"{stage}/loss", out.loss, prog_bar=True, batch_size=bs, sync_dist=stage != "train")
         self.log_dict(
@@ -106,6 +121,16 @@ class MuCoModule(LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self.model_step(batch, "val")
 
+    def on_validation_epoch_end(self) -> None:
+        if self.val_tasks is None or self.trainer.sanity_checking:
+            return
+        from muco.eval.validation import run_val_tasks
+
+        # every rank runs the same tasks: under FSDP2 each forward needs all ranks anyway
+        metrics = run_val_tasks(self.tokenizer, self.embedder.backbone, self.val_tasks, self.eval_image_policy,
+                                self.val_task_limit, self.eval_batch_size)
+        self.log_dict(metrics, batch_size=1)
+
     def _log_data_stats(self, batch: dict[str, Any]) -> None:
         stats = batch.get("stats")
         if not stats:
@@ -128,6 +153,8 @@ class MuCoModule(LightningModule):
 
     # ---------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # lets `muco eval` / `muco export` rebuild the right module class from a checkpoint alone
+        checkpoint["muco_module_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
         if self.save_frozen_weights or self._sharded:
             return
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}

@@ -24,6 +24,13 @@ class OptimConfig:
     warmup_steps: int = 0  # optimizer steps, not micro-batches or ranks (pitfall 3)
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
 
+    @classmethod
+    def coerce(cls, value: OptimConfig | dict | None) -> OptimConfig:
+        """Accept the dict form that saved hyper-parameters come back as."""
+        if value is None:
+            return cls()
+        return value if isinstance(value, cls) else cls(**{**value, "betas": tuple(value.get("betas", cls.betas))})
+
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"optim.schedule={self.schedule!r}; choose one of {SCHEDULES}")

@@ -1,0 +1,32 @@
+"""MMEB-format tasks as a validation hook inside `fit`."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from muco.eval.aggregate import aggregate
+from muco.eval.harness import evaluate_tasks
+from muco.eval.tasks import Task, load_task, load_task_list
+
+
+@lru_cache(maxsize=4)
+def _tasks(path: str, limit: int | None) -> tuple[list, tuple[Task, ...]]:
+    specs = load_task_list(path)
+    return specs, tuple(load_task(s, limit=limit) for s in specs)
+
+
+def run_val_tasks(tokenizer: PreTrainedTokenizerBase, backbone: nn.Module, task_list: str, image_policy: str,
+                  limit: int | None = 100, batch_size: int = 32) -> dict[str, float]:
+    """``val/<task>/precision@1`` per task plus ``val/overall`` (mean over tasks, as MMEB's overall)."""
+    from muco.encoder import MuCoEncoder
+
+    specs, tasks = _tasks(task_list, limit)
+    encoder = MuCoEncoder.from_parts(tokenizer, backbone, image_policy)
+    results = evaluate_tasks(encoder.encode_user_texts, tasks, batch_size)
+    out = {f"val/{name}/precision@1": m["precision@1"] for name, m in results.items()}
+    agg = aggregate({k: v["precision@1"] for k, v in results.items()}, specs)
+    out["val/overall"] = float(agg["overall"]["score"])
+    return out
