@@ -97,5 +97,5 @@ def test_load_encoder_dispatch(tmp_path):
     with pytest.raises(ValueError, match="expected an exported model directory"):
         load_encoder(tmp_path)
     (tmp_path / "last.ckpt").write_bytes(b"x")
-    with pytest.raises(NotImplementedError, match="Lightning checkpoint"):
+    with pytest.raises(ValueError, match="not a readable Lightning checkpoint"):
         load_encoder(tmp_path / "last.ckpt")

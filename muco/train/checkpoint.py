@@ -18,7 +18,12 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> L
             f"{path} is a distributed (FSDP) checkpoint directory; consolidate it first with "
             f"`python -m lightning.pytorch.utilities.consolidate_checkpoint {path}`"
         )
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own checkpoint, not data
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own checkpoint, not data
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable Lightning checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise ValueError(f"{path} is not a Lightning checkpoint of a muco module (no state_dict/hyper_parameters)")
     dotted = ckpt.get("muco_module_class", "muco.train.module.MuCoModule")
     module_name, _, cls_name = dotted.rpartition(".")
     cls = getattr(importlib.import_module(module_name), cls_name)
