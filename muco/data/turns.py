@@ -44,7 +44,8 @@ def draw_turns(
     so turn k of the query sequence still pairs with turn k of the target sequence.
 
     With ``shuffle=False`` the drawn subset keeps the stored order (a batch-level order is applied later, see
-    :func:`permute_turns`). ``record_turns`` holds :class:`muco.data.records.Turn` objects or mappings with ``queries``/``target``.
+    :func:`permute_turns`). ``record_turns`` holds :class:`muco.data.records.Turn` objects or mappings with
+    ``queries``/``target``.
     """
     n = len(record_turns)
     if not 1 <= num_turns <= n:
