@@ -1,28 +1,33 @@
 """Throughput of ``M3TDataModule`` against bare decode + resize on the same shards and workers.
 
-DataModule path: tar -> JPEG decode -> policy resize -> record validation -> turn drawing -> templates ->
-tokenisation -> Qwen2-VL image processor -> collation, in the DataLoader workers (the real train loader).
+DataModule path: tar -> JPEG decode -> policy resize (``ImagePolicy.prepare``) -> record validation -> turn
+drawing -> templates -> tokenisation -> uint8 patches (``patchify``; normalisation happens later, on the
+device, in ``Embedder``) -> collation, in the DataLoader workers: the real train loader, unmodified.
 Bare path: webdataset ``decode("pil")`` -> one resize to the policy's target size -> uint8 tensor.
 Both use the same shards, worker count and ``batch_size=None`` loaders; timing starts at the first item,
 so worker start-up is excluded; each path runs ``--repeats`` times, alternating, and its best run counts
-(the build machines' throughput is noisy). ``--proposed`` also times the DataModule with a collator that
-ships uint8 patches without the temporal copy (a proposed format: normalise and duplicate on the device).
-The last line reads ``ratio=<DataModule samples/s / bare samples/s>``.
+(the build machines' throughput is noisy). Worker CPU time per sample is reported too (``cpu_ratio``): it
+barely depends on other jobs sharing the machine. The last line reads
+``ratio=<DataModule samples/s / bare samples/s>``.
 
-    python benchmarks/bench_loader.py --count 512 --workers 2 --policy pretrain [--profile] [--proposed]
+    python benchmarks/bench_loader.py --count 512 --workers 2 --policy pretrain [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import io
 import json
 import pstats
 import random
+import resource
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,12 +35,10 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from muco.data.collate import PretrainCollator
 from muco.data.datamodule import M3TDataModule
 from muco.data.image_policy import ImagePolicy
-from muco.data.presized import PATCH, FastQwen2VLProcessor, PresizedPolicy
 from muco.data.shards import ShardWriter, write_manifest
-from muco.data.stream import decode_sample, policy_target
+from muco.data.stream import decode_sample
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
           "stereo_motorcycle", "cat", "colorwheel", "camera", "coins", "moon", "text", "page", "grass")
@@ -88,58 +91,46 @@ class BareResize:
 
     def __call__(self, sample: dict) -> torch.Tensor:
         im = sample["jpg"]
-        size, resample = policy_target(self.policy, *im.size)
+        size, resample = self.policy.target(*im.size)
         return torch.from_numpy(np.array(im.resize(size, resample)))
 
 
-def timed(loader, count_fn) -> tuple[int, float]:
+def children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def timed(make_loader: Callable[[], DataLoader], count_fn: Callable[[Any], int]) -> tuple[float, float]:
+    """(samples/s after the first item, worker CPU ms per sample over the whole run).
+
+    The CPU figure is the workers' user + system time, counted once they are joined at the end (hence the
+    loader is made here and dropped before reading it); other jobs on a shared machine barely move it,
+    unlike the wall-clock rate."""
+    cpu0 = children_cpu()
+    loader = make_loader()
     it = iter(loader)
-    next(it)  # worker start-up and the first item are not timed
+    first = count_fn(next(it))  # worker start-up and the first item are not timed
     t0, n = time.perf_counter(), 0
     for item in it:
         n += count_fn(item)
-    return n, time.perf_counter() - t0
+    dt = time.perf_counter() - t0
+    del it, loader  # shuts down and joins the (possibly persistent) workers
+    gc.collect()
+    return n / dt, 1000 * (children_cpu() - cpu0) / (n + first)
 
 
-def bench_bare(manifest: Path, policy: ImagePolicy, workers: int) -> float:
+def bench_bare(manifest: Path, policy: ImagePolicy, workers: int) -> tuple[float, float]:
     shards = [str(manifest.parent / s["name"]) for s in json.loads(manifest.read_text())["shards"]]
     ds = (wds.WebDataset(shards, shardshuffle=False, nodesplitter=None, workersplitter=wds.split_by_worker)
           .decode("pil").map(BareResize(policy)))
-    n, dt = timed(DataLoader(ds, batch_size=None, num_workers=workers), lambda _: 1)
-    return n / dt
+    return timed(lambda: DataLoader(ds, batch_size=None, num_workers=workers), lambda _: 1)
 
 
-class Uint8Processor(FastQwen2VLProcessor):
-    """Proposed batch format: (rows, 3*14*14) uint8 patches; normalisation and the temporal copy move to
-    the device. Same patch order and grids as the real processor."""
-
-    def __call__(self, images, return_tensors: str = "pt") -> dict[str, torch.Tensor]:
-        grids = [(1, im.height // PATCH, im.width // PATCH) for im in images]
-        out = torch.empty((sum(g[1] * g[2] for g in grids), 3 * PATCH * PATCH), dtype=torch.uint8)
-        view, at = out.numpy(), 0
-        for im, (_, gh, gw) in zip(images, grids):
-            a = np.asarray(im)
-            bh, bw = gh // 2, gw // 2
-            view[at : at + gh * gw].reshape(bh, bw, 2, 2, 3, PATCH, PATCH)[...] = (
-                a.reshape(bh, 2, PATCH, bw, 2, PATCH, 3).transpose(0, 3, 1, 4, 6, 2, 5))
-            at += gh * gw
-        return {"pixel_values": out, "image_grid_thw": torch.tensor(grids, dtype=torch.long)}
-
-
-class Uint8Policy(PresizedPolicy):
-    def image_processor(self) -> Uint8Processor:
-        return Uint8Processor(self)
-
-
-def bench_datamodule(manifest: Path, args: argparse.Namespace, proposed: bool = False) -> float:
+def bench_datamodule(manifest: Path, args: argparse.Namespace) -> tuple[float, float]:
     dm = M3TDataModule(str(manifest), batch_size=args.batch_size, num_workers=args.workers, resampled=False,
                        shuffle_buffer=64, tokenizer=args.tokenizer, image_policy=args.policy)
     dm.setup("fit")
-    if proposed:
-        policy = ImagePolicy.preset(args.policy)
-        dm.collator = PretrainCollator(dm.collator.encoder.tokenizer, Uint8Policy(**vars(policy)))
-    n, dt = timed(dm.train_dataloader(), lambda b: len(b["keys"]))
-    return n / dt
+    return timed(dm.train_dataloader, lambda b: len(b["keys"]))
 
 
 def profile(manifest: Path, args: argparse.Namespace) -> None:
@@ -168,7 +159,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--short-side", type=int, nargs=2, default=(560, 720), help="range of image short sides")
     p.add_argument("--repeats", type=int, default=2, help="runs per path, alternating; the best counts")
     p.add_argument("--profile", action="store_true", help="print a cProfile of the DataModule's work")
-    p.add_argument("--proposed", action="store_true", help="also time the proposed uint8 batch format")
     args = p.parse_args(argv)
     policy = ImagePolicy.preset(args.policy)
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,18 +169,20 @@ def main(argv: list[str] | None = None) -> None:
               f"batch={args.batch_size} tokenizer={args.tokenizer} torch_threads={torch.get_num_threads()}")
         if args.profile:
             profile(manifest, args)
-        bare = full = prop = 0.0
+        bare = full = 0.0
+        bare_cpu = full_cpu = float("inf")
         for _ in range(args.repeats):
-            bare = max(bare, bench_bare(manifest, policy, args.workers))
-            full = max(full, bench_datamodule(manifest, args))
-            if args.proposed:
-                prop = max(prop, bench_datamodule(manifest, args, proposed=True))
+            rate, cpu = bench_bare(manifest, policy, args.workers)
+            bare, bare_cpu = max(bare, rate), min(bare_cpu, cpu)
+            rate, cpu = bench_datamodule(manifest, args)
+            full, full_cpu = max(full, rate), min(full_cpu, cpu)
         per = max(1, args.workers)
-        print(f"bare decode + resize: {bare:.1f} samples/s ({bare / per:.1f} per worker)")
-        if args.proposed:
-            print(f"proposed uint8 batch: {prop:.1f} samples/s ({prop / per:.1f} per worker), "
-                  f"ratio {prop / bare:.2f}")
-        print(f"M3TDataModule:        {full:.1f} samples/s ({full / per:.1f} per worker)")
+        print(f"bare decode + resize: {bare:.1f} samples/s ({bare / per:.1f} per worker), "
+              f"{bare_cpu:.1f} worker-CPU ms/sample")
+        print(f"M3TDataModule:        {full:.1f} samples/s ({full / per:.1f} per worker), "
+              f"{full_cpu:.1f} worker-CPU ms/sample")
+        # the same ratio from CPU time: what the wall-clock one tends to on an otherwise idle machine
+        print(f"cpu_ratio={bare_cpu / full_cpu:.2f}")
     print(f"ratio={full / bare:.2f}")
 
 

@@ -36,8 +36,9 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("mul", lambda a, b: int(a) * int(b))
 
 
-def run_lightning_cli(argv: Sequence[str] | None) -> None:
-    """LightningCLI on `argv` (None: the process's own command line)."""
+def build_cli(argv: Sequence[str] | None, run: bool = True):
+    """LightningCLI on `argv` (None: the process's own command line); `run=False` parses and instantiates
+    without a subcommand, for callers that drive the trainer themselves (the demo)."""
     import jsonargparse
     from lightning.pytorch import LightningDataModule
     from lightning.pytorch.cli import LightningCLI
@@ -52,7 +53,7 @@ def run_lightning_cli(argv: Sequence[str] | None) -> None:
     # `omegaconf+` resolves ${...} after overrides are merged; absolute paths need this setting (STACK.md §8)
     jsonargparse.set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     register_resolvers()
-    MuCoCLI(
+    return MuCoCLI(
         MuCoModule,
         LightningDataModule,
         subclass_mode_model=True,
@@ -60,6 +61,7 @@ def run_lightning_cli(argv: Sequence[str] | None) -> None:
         parser_kwargs={"parser_mode": "omegaconf+"},
         save_config_kwargs={"overwrite": True},
         args=None if argv is None else list(argv),
+        run=run,
     )
 
 
@@ -80,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[0] not in TRAINING:
         print(f"muco: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    run_lightning_cli(None if from_process else argv)
+    build_cli(None if from_process else argv)
     return 0
 
 

@@ -3,6 +3,9 @@
 Tokenisation runs on the texts with a single ``<|image_pad|>``; the pad is expanded to the image's visual-token
 count on the id lists afterwards, which is far cheaper than tokenising hundreds of placeholder strings.
 Batches are right-padded and never truncated: truncation would lose ``<|emb|>`` slots.
+
+Images leave as uint8 patches (``muco.data.image_policy.patchify``); the model side (``Embedder``) normalises
+them on the device into the stock float format.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from muco.data.image_policy import ImagePolicy
+from muco.data.image_policy import MERGE, ImagePolicy, patchify
 from muco.data.templates import IMAGE_PAD, find_reserved, pretrain_query_turns, pretrain_template
 from muco.model.tokenizer import SpecialTokenIds
 
@@ -43,9 +46,8 @@ class SequenceEncoder:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, image_policy: ImagePolicy) -> None:
         self.tokenizer = tokenizer
         self.policy = image_policy
-        self.processor = image_policy.image_processor()
         self.ids = SpecialTokenIds.from_tokenizer(tokenizer)
-        self.merge = int(self.processor.merge_size)
+        self.merge = MERGE
 
     def __call__(self, texts: Sequence[str], images: Sequence[Image.Image | None]) -> dict[str, torch.Tensor]:
         if len(texts) != len(images):
@@ -54,9 +56,9 @@ class SequenceEncoder:
         out: dict[str, Any] = {}
         visual_tokens: list[int] = []
         if present:
-            vision = self.processor(images=[self.policy.prepare(im) for im in present], return_tensors="pt")
-            grid = vision["image_grid_thw"]
-            out["pixel_values"] = vision["pixel_values"]
+            # prepare keeps images the stream already brought to the final size: one resize in all
+            pixel_values, grid = patchify([self.policy.prepare(im) for im in present])
+            out["pixel_values"] = pixel_values  # uint8 [patches, 3*14*14]
             out["image_grid_thw"] = grid
             visual_tokens = (grid.prod(-1) // self.merge**2).tolist()
 

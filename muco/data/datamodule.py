@@ -30,7 +30,6 @@ from torch.utils.data import DataLoader
 
 from muco.data.collate import PretrainCollator
 from muco.data.image_policy import ImagePolicy
-from muco.data.presized import PresizedPolicy
 from muco.data.shards import ShardSet, is_remote, peek_first_json, resolve_shards
 from muco.data.stream import M3TStream, SharedEpoch, StreamConfig
 from muco.data.turns import TURN_ORDERS
@@ -129,8 +128,8 @@ class M3TDataModule(LightningDataModule):
         if self.collator is None:
             from muco.model.tokenizer import build_tokenizer
 
-            # the stream sizes images once; the presized policy skips the second resize and the slow processor
-            self.collator = PretrainCollator(build_tokenizer(self.tokenizer), PresizedPolicy.of(policy))
+            # the stream brings images to the policy's final size; the collator's prepare keeps them as they are
+            self.collator = PretrainCollator(build_tokenizer(self.tokenizer), policy)
         log.info("M3T data on rank %d/%d: %s", rank, world, self.describe())
 
     def _train_config(self, policy: ImagePolicy, world: int) -> StreamConfig:

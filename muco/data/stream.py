@@ -1,6 +1,6 @@
 """The streaming M3T dataset: shards -> raw samples -> decoded, turn-drawn samples -> collated batches.
 
-Everything expensive (tar reading, JPEG decode, resize, tokenisation, the image processor, collation) runs in
+Everything expensive (tar reading, JPEG decode, resize, tokenisation, patchifying, collation) runs in
 DataLoader workers; the loader is built with ``batch_size=None``. Rank and world size are given explicitly
 at construction (computed in the training process), so shard splitting is right whatever the worker start
 method (``split_by_node`` silently does not split in spawn/forkserver workers, STACK.md §9). Every random
@@ -27,19 +27,17 @@ from typing import Any
 
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 from webdataset.filters import _shuffle
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
 from muco.data.collate import BadSampleError, PretrainCollator, PretrainSample
-from muco.data.image_policy import MIN_SIDE, ImagePolicy
+from muco.data.image_policy import MAX_ASPECT, ImagePolicy
 from muco.data.records import M3TRecord
 from muco.data.turns import draw_turns, permute_turns, sample_rng, stable_seed
 
 log = logging.getLogger("muco.data")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-FACTOR = 28  # patch 14 x merge 2
 MAX_CONSECUTIVE_FAILURES = 1000  # a worker whose every sample fails has a bug or wrong data, not bad luck
 
 
@@ -75,38 +73,14 @@ class StreamConfig:
     turn_order: str = "sample"
 
 
-def policy_target(policy: ImagePolicy, w: int, h: int) -> tuple[tuple[int, int], Image.Resampling]:
-    """The final size ``policy.prepare`` + the processor's ``smart_resize`` give a ``w``x``h`` image, and the
-    filter to reach it in one resize: the policy's LANCZOS when it has a short side (one resampling instead
-    of LANCZOS to the short side, then BICUBIC to multiples of 28), else the processor's BICUBIC (then the
-    pixels equal the stock path's). Mirrors ``ImagePolicy.prepare``; the tests check the grids agree.
-    """
-    resample = Image.Resampling.BICUBIC
-    if policy.short_side is not None:
-        resample = Image.Resampling.LANCZOS
-        if min(w, h) != policy.short_side:
-            s = policy.short_side / min(w, h)
-            w, h = max(1, round(w * s)), max(1, round(h * s))
-    if min(w, h) < MIN_SIDE:
-        s = MIN_SIDE / min(w, h)
-        w, h = max(MIN_SIDE, round(w * s)), max(MIN_SIDE, round(h * s))
-    th, tw = smart_resize(h, w, factor=FACTOR, min_pixels=policy.min_pixels, max_pixels=policy.max_pixels)
-    return (tw, th), resample
-
-
 def load_image(data: bytes, policy: ImagePolicy) -> Image.Image:
-    """Decode (JPEG at a reduced DCT scale when that still covers the target) and resize once, to the
-    processor's final size (see ``muco.data.presized``)."""
+    """Decode (a JPEG at a reduced DCT scale when that still covers the target) and resize once, to the
+    policy's final size; the collator's ``policy.prepare`` then keeps it as it is."""
     im = Image.open(io.BytesIO(data))
     w, h = im.size
-    if max(w, h) > 200 * min(w, h):
-        raise BadSampleError(f"aspect ratio {w}x{h} > 200")
-    size, resample = policy_target(policy, w, h)
-    im.draft("RGB", size)  # no-op unless JPEG; the drafted image is never smaller than `size`
-    im.load()  # decode now: a corrupt file fails here, inside the skip handler
-    if im.mode != "RGB":
-        im = im.convert("RGB")
-    return im if im.size == size else im.resize(size, resample)
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise BadSampleError(f"aspect ratio {w}x{h} > {MAX_ASPECT}")
+    return policy.prepare(im, draft=True)  # decodes here: a corrupt file fails inside the skip handler
 
 
 def decode_sample(raw: dict[str, Any], cfg: StreamConfig, epoch: int) -> PretrainSample:
@@ -264,12 +238,16 @@ class M3TStream(IterableDataset):
             raw = _weighted_mix(streams, cfg.weights or [1.0] * len(streams), rng, self.num_batches is None)
         for sample in raw:
             try:
-                out = decode_sample(sample, cfg, epoch)
+                out = self.decode(sample, epoch)
             except Exception as e:  # the skip handler: any failure of one sample drops that sample only
                 self._skip(wid, sample.get("__url__", "?"), sample.get("__key__"), f"{type(e).__name__}: {e}")
                 continue
             self._failures = 0
             yield out
+
+    def decode(self, raw: dict[str, Any], epoch: int) -> Any:
+        """Raw tar members -> one collator input; raises on a bad sample (subclasses decode other kinds)."""
+        return decode_sample(raw, self.cfg, epoch)
 
     def _batches(self, samples: Iterator[PretrainSample], epoch: int, wid: str) -> Iterator[dict[str, Any]]:
         bs, buf = self.cfg.batch_size, []

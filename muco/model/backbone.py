@@ -24,10 +24,12 @@ PRESETS: dict[str, dict] = {
                   num_key_value_heads=2, mrope_section=[4, 6, 6]),
         vision=dict(depth=2, embed_dim=64, num_heads=4, mlp_ratio=4),
     ),
+    # 2B's head sizes (80 vision, 128 text) and attention-to-matmul ratios at 1/42 of its cost, so the
+    # vision/text FLOP split matches 2B at any resolution and text length (benchmarks/bench_turns.py)
     "cpu-2b-shape": dict(
-        text=dict(hidden_size=384, intermediate_size=2240, num_hidden_layers=7, num_attention_heads=3,
+        text=dict(hidden_size=256, intermediate_size=9856, num_hidden_layers=4, num_attention_heads=2,
                   num_key_value_heads=1, mrope_section=[16, 24, 24]),
-        vision=dict(depth=8, embed_dim=320, num_heads=4, mlp_ratio=4),
+        vision=dict(depth=3, embed_dim=320, num_heads=4, mlp_ratio=22),
     ),
     "2b": dict(
         text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,

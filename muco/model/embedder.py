@@ -1,4 +1,9 @@
-"""Backbone + pooling: model inputs -> normalised fp32 embeddings at the `<|emb|>` slots."""
+"""Backbone + pooling: model inputs -> normalised fp32 embeddings at the `<|emb|>` slots.
+
+uint8 ``pixel_values`` (the data path's format) are normalised here, on the device, by ``pixels_to_model``:
+the training module and ``MuCoEncoder`` (evaluation, export) both run through this module, so no caller
+converts on its own.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from muco.model.pixels import pixels_to_model, vision_dtype
 from muco.model.pooling import EmbeddingPooler, PooledEmbeddings
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
@@ -24,5 +30,7 @@ class Embedder(nn.Module):
         self, inputs: Mapping[str, torch.Tensor], expected: int | torch.Tensor, keys: Sequence[str] | None = None
     ) -> PooledEmbeddings:
         kwargs = {k: inputs[k] for k in MODEL_INPUT_KEYS if k in inputs}
+        if "pixel_values" in kwargs:
+            kwargs["pixel_values"] = pixels_to_model(kwargs["pixel_values"], vision_dtype(self.backbone))
         hidden = self.backbone(**kwargs, use_cache=False).last_hidden_state
         return self.pooler(hidden, inputs["input_ids"], expected, keys)

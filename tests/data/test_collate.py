@@ -19,8 +19,9 @@ def test_image_pad_expanded_to_visual_tokens(tiny_tok, photos):
     per_row = (out["input_ids"] == ids.image_pad).sum(1).tolist()
     assert per_row == [n_vis[0], 0, n_vis[1]]
     assert torch.equal(out["mm_token_type_ids"], (out["input_ids"] == ids.image_pad).int())
-    # patches of all images stacked: t*h*w rows of 3*2*14*14 values
-    assert out["pixel_values"].shape == (int(grid.prod(-1).sum()), 1176)
+    # patches of all images stacked: t*h*w uint8 rows of 3*14*14 values (normalised on the device)
+    assert out["pixel_values"].shape == (int(grid.prod(-1).sum()), 588)
+    assert out["pixel_values"].dtype == torch.uint8
     # right padding, no truncation: every row ends its real tokens with <|im_end|>
     lengths = out["attention_mask"].sum(1)
     assert int(lengths.max()) == out["input_ids"].shape[1]

@@ -9,13 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 
 from muco.data.datamodule import M3TDataModule
-from muco.data.image_policy import ImagePolicy
-from muco.data.presized import PresizedPolicy
-from muco.data.stream import load_image, policy_target
 
 TINY = {"tokenizer": "tiny", "image_policy": "tiny"}
 
@@ -263,41 +259,6 @@ def test_early_errors(make_shards, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="world_size\\*num_workers=6 shards per source.*has 4"):
         _setup_error(train_shards=str(manifest), resampled=False, num_workers=3)
     _setup_error(train_shards=str(manifest), resampled=False, num_workers=2)  # 4 shards are enough
-
-
-def test_one_resize_and_the_fast_processor_match_the_stock_path(photos):
-    """The stream resizes once to the processor's final size; ``PresizedPolicy`` then neither resizes again
-    nor runs the slow processor, and gives the stock path's grid and (up to float rounding) pixels."""
-    import numpy as np
-
-    big = photos[0].resize((300, 200))
-    png, jpg = io.BytesIO(), io.BytesIO()
-    big.save(png, format="PNG")
-    photos[1].resize((600, 450)).save(jpg, format="JPEG")
-    for name in ("tiny", "pretrain", "eval"):
-        policy = ImagePolicy.preset(name)
-        fast = PresizedPolicy.of(policy)
-        stock = policy.image_processor()
-        im = load_image(png.getvalue(), policy)
-        assert fast.prepare(im) is im  # no second resize
-        ref = stock(images=[policy.prepare(big)], return_tensors="pt")
-        got = fast.image_processor()(images=[fast.prepare(im)])
-        assert got["image_grid_thw"].tolist() == ref["image_grid_thw"].tolist()
-        same = stock(images=[im], return_tensors="pt")["pixel_values"]  # stock processor, same pixels
-        np.testing.assert_allclose(got["pixel_values"].numpy(), same.numpy(), atol=1e-5)
-        if policy.short_side is None:  # BICUBIC once, as the processor would (no JPEG draft for PNG)
-            np.testing.assert_allclose(got["pixel_values"].numpy(), ref["pixel_values"].numpy(), atol=1e-5)
-        drafted = load_image(jpg.getvalue(), policy)  # JPEG decoded at a reduced scale when it can be
-        grid = stock(images=[policy.prepare(Image.open(jpg))])["image_grid_thw"][0].tolist()
-        assert [1, drafted.height // 14, drafted.width // 14] == grid
-    odd = photos[2].resize((97, 61))  # not presized: the fast processor falls back to the stock one
-    tiny = PresizedPolicy.of(ImagePolicy.preset("tiny"))
-    out = tiny.image_processor()(images=[tiny.prepare(odd)])
-    ref = ImagePolicy.preset("tiny").image_processor()(images=[tiny.prepare(odd)], return_tensors="pt")
-    assert torch.equal(out["pixel_values"], ref["pixel_values"])
-    (w, h), _ = policy_target(tiny, 10, 20)  # tiny images: upsampled by prepare, then by the processor
-    grid = tiny.image_processor()(images=[tiny.prepare(photos[0].resize((10, 20)))])["image_grid_thw"][0]
-    assert (h // 14, w // 14) == tuple(grid[1:].tolist())
 
 
 def test_lightning_fit_epochs_checkpoint_and_resume(make_shards, tmp_path):
