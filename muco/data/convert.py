@@ -7,6 +7,7 @@ re-encodes (spawned: scripts calling the library with ``workers > 0`` need an ``
 guard); one writer keeps the output order deterministic. Bad records are skipped, counted and listed in a
 rejects JSONL.
 Usage: ``python -m muco.data.convert M3T.parquet --image-root imgs --output out/train-%06d.tar``.
+Fine-tuning pairs (``--kind pairs``) go through the same framework, see ``muco.data.pair_convert``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 import re
 import sys
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
@@ -139,7 +140,9 @@ def prepare_item(kind: str, index: int, payload: Any, key: str | None, opts: Con
     return ("ok", key, [(ext, data), ("json", record.to_json_bytes())])
 
 
-def _prepare_chunk(kind: str, items: list[tuple[int, Any, str | None]], opts: ConvertOptions) -> list[tuple]:
+def _prepare_chunk(kind: str | Callable, items: list[tuple[int, Any, str | None]], opts: ConvertOptions) -> list:
+    if callable(kind):  # another record kind's preparer (module-level: spawned workers import it by name)
+        return [kind(i, p, k, opts) for i, p, k in items]
     return [prepare_item(kind, i, p, k, opts) for i, p, k in items]
 
 
@@ -148,7 +151,7 @@ def _chunks(items: Iterable[tuple[int, Any, str | None]]) -> Iterator[list]:
     return iter(lambda: list(islice(it, CHUNK)), [])
 
 
-def _results(kind: str, items: Iterable, opts: ConvertOptions, workers: int) -> Iterator[tuple]:
+def _results(kind: str | Callable, items: Iterable, opts: ConvertOptions, workers: int) -> Iterator[tuple]:
     """Prepared items in input order; at most 2 chunks per worker in flight (bounded memory)."""
     if workers <= 0:
         for chunk in _chunks(items):
@@ -165,9 +168,11 @@ def _results(kind: str, items: Iterable, opts: ConvertOptions, workers: int) -> 
             yield from pending.popleft().result()
 
 
-def _run(kind: str, items: Iterable, output: str, opts: ConvertOptions, *, max_samples_per_shard: int,
+def _run(kind: str | Callable, items: Iterable, output: str, opts: ConvertOptions, *, max_samples_per_shard: int,
          max_bytes_per_shard: int, workers: int, manifest: str | None, rejects: str | None, overwrite: bool,
-         source: str) -> ConvertSummary:
+         source: str, manifest_extra: dict | None = None) -> ConvertSummary:
+    """Shared by every record kind: ``kind`` is "parquet" | "jsonl" (M3T) or a preparer
+    ``f(index, payload, key, opts) -> ("ok", key, members) | ("bad", key, index, reason, message)``."""
     out_dir = Path(output).parent
     summary = ConvertSummary(manifest=str(manifest or out_dir / MANIFEST_NAME),
                              rejects=str(rejects or out_dir / "rejects.jsonl"))
@@ -185,12 +190,12 @@ def _run(kind: str, items: Iterable, output: str, opts: ConvertOptions, *, max_s
                 summary.rejected += 1
                 summary.reasons[reason] += 1
                 continue
-            if kind == "jsonl":  # parquet keys are unique by construction (row numbers)
+            if kind != "parquet":  # M3T parquet keys are unique by construction (row numbers)
                 seen.add(res[1])
             writer.write(res[1], res[2])
             summary.written += 1
     summary.shards = writer.shards
-    write_manifest(summary.manifest, summary.shards, turns=opts.turns, source=source,
+    write_manifest(summary.manifest, summary.shards, **(manifest_extra or {"turns": opts.turns}), source=source,
                    rejected=summary.rejected)
     return summary
 
@@ -207,20 +212,25 @@ def _clear_outputs(pattern: str, overwrite: bool) -> None:
         i += 1
 
 
-def _parquet_items(paths: list[str], key_prefix: str | None, batch_rows: int, limit: int | None) -> Iterator:
+def _parquet_items(paths: list[str], key_prefix: str | None, batch_rows: int, limit: int | None,
+                   wanted: tuple[str, ...] = PARQUET_COLUMNS, optional: tuple[str, ...] = ("qry_sentence",),
+                   stem_parts: int = 1) -> Iterator:
+    """(row, row dict, key) of the ``wanted`` columns; keys are ``<prefix><row:09d>``, the default prefix made of
+    the last ``stem_parts`` path components (directory names, then the file stem)."""
     import pyarrow.parquet as pq
 
     n = 0
     for path in paths:
         pf = pq.ParquetFile(path)
         names = set(pf.schema_arrow.names)
-        missing = [c for c in PARQUET_COLUMNS if c not in names and c != "qry_sentence"]
+        missing = [c for c in wanted if c not in names and c not in optional]
         if missing:
             raise ValueError(f"{path}: missing columns {missing}; found {sorted(names)}")
         prefix = key_prefix
         if prefix is None:
-            prefix = re.sub(r"[^A-Za-z0-9_-]", "_", Path(path).stem) + "_"
-        columns = [c for c in PARQUET_COLUMNS if c in names]
+            parts = Path(path).with_suffix("").parts[-stem_parts:]
+            prefix = re.sub(r"[^A-Za-z0-9_-]", "_", "_".join(parts)) + "_"
+        columns = [c for c in wanted if c in names]
         row = 0
         for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
             for r in batch.to_pylist():
@@ -273,6 +283,9 @@ def convert_jsonl(jsonl: str | os.PathLike, image_root: str | os.PathLike, outpu
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="muco data convert", description=__doc__.split("\n\n")[0])
     p.add_argument("inputs", nargs="+", help="released M3T parquet file(s), or one JSONL of records")
+    p.add_argument("--kind", choices=("m3t", "pairs"), default="m3t",
+                   help="m3t: pretraining records; pairs: fine-tuning pairs (MMEB-train layout or pair JSONL)")
+    p.add_argument("--max-negatives", type=int, default=None, help="pairs: keep at most N hard negatives")
     p.add_argument("--format", choices=("auto", "parquet", "jsonl"), default="auto")
     p.add_argument("--image-root", required=True, help="directory the image paths are relative to")
     p.add_argument("--output", required=True, help="shard pattern with a %%-index, e.g. out/train-%%06d.tar")
@@ -292,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.kind == "pairs":
+        from muco.data.pair_convert import main_pairs
+
+        return main_pairs(args)
     fmt = args.format
     if fmt == "auto":
         fmt = "jsonl" if args.inputs[0].endswith((".jsonl", ".json")) else "parquet"

@@ -1,4 +1,11 @@
-"""Fine-tuning collation: 3-turn guided-reconstruction sequences plus one base-template hard negative."""
+"""Fine-tuning collation: 3-turn guided-reconstruction sequences plus one base-template hard negative
+(METHOD.md §4, §8).
+
+Batch: ``query`` / ``target`` (two ``<|emb|>`` each: turn 1 = q or p, turn 3 = q' or p'), ``negative`` (one
+``<|emb|>``), ``negative_valid`` [B] (False where the sample has no negative: its slot holds the released
+empty prompt ``"\\n"`` and the loss masks the column unless the module's ``released_placeholder`` is set),
+``target_text_id`` / ``negative_text_id`` [B] (identity hashes for the optional same-text masks) and ``keys``.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from muco.data.collate import SequenceEncoder, check_user_text
+from muco.data.collate import SequenceEncoder, check_user_text, text_id
 from muco.data.image_policy import ImagePolicy
 from muco.data.templates import base_template, finetune_template, single_turn_user_text
 
@@ -29,41 +36,64 @@ class PairSample:
     neg_text: str | None = None
     neg_image: Image.Image | None = None
 
+    @property
+    def has_negative(self) -> bool:
+        return self.neg_text is not None or self.neg_image is not None
+
 
 # the released code's constant "junk" negative where a sample has none (METHOD.md §8.4)
 EMPTY_NEGATIVE = "\n"
 
 
-class FinetuneCollator:
-    """3-turn guided-reconstruction batches (two `<|emb|>` per sequence) plus one base-template negative
-    per sample. A missing negative is encoded as the empty prompt and flagged invalid so the loss masks its
-    column (or, with `released_placeholder`, kept as a real negative like the released code)."""
+def identity_id(key: str, role: str, text: str, image: Image.Image | None) -> int:
+    """Text id of a text-only item; an image-bearing item is unique to its sample (never equal to another)."""
+    return text_id(text if image is None else f"{key}\x1f{role}\x1f{text}")
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, image_policy: ImagePolicy,
-                 released_placeholder: bool = False) -> None:
+
+def query_sequence(s: PairSample) -> str:
+    """``TRAIN(query, masked(positive))``."""
+    return finetune_template(single_turn_user_text(s.qry_text, s.qry_image is not None), s.masked_pos)
+
+
+def target_sequence(s: PairSample) -> str:
+    """``TRAIN(positive, masked(query))``."""
+    return finetune_template(single_turn_user_text(s.pos_text, s.pos_image is not None), s.masked_qry)
+
+
+def negative_sequence(s: PairSample) -> str:
+    """``BASE(negative)``, or the released empty prompt when the sample has none."""
+    if not s.has_negative:
+        return base_template(EMPTY_NEGATIVE)
+    return base_template(single_turn_user_text(s.neg_text or "", s.neg_image is not None))
+
+
+class FinetuneCollator:
+    """3-turn guided-reconstruction batches (two `<|emb|>` per sequence) plus one base-template negative per
+    sample."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, image_policy: ImagePolicy) -> None:
         self.encoder = SequenceEncoder(tokenizer, image_policy)
-        self.released_placeholder = released_placeholder
 
     def __call__(self, samples: Sequence[PairSample]) -> dict[str, Any]:
-        q_texts, p_texts, n_texts, valid = [], [], [], []
         for s in samples:
             for field_name in ("qry_text", "pos_text", "neg_text"):
                 value = getattr(s, field_name)
                 if value is not None:
                     check_user_text(value, s.key, field_name)
-            q_user = single_turn_user_text(s.qry_text, s.qry_image is not None)
-            p_user = single_turn_user_text(s.pos_text, s.pos_image is not None)
-            q_texts.append(finetune_template(q_user, s.masked_pos))
-            p_texts.append(finetune_template(p_user, s.masked_qry))
-            has_neg = s.neg_text is not None or s.neg_image is not None
-            n_user = single_turn_user_text(s.neg_text or "", s.neg_image is not None) if has_neg else EMPTY_NEGATIVE
-            n_texts.append(base_template(n_user))
-            valid.append(has_neg or self.released_placeholder)
+            # masked counterparts carry <|mask|> on purpose; anything else special would misalign pooling
+            for field_name in ("masked_pos", "masked_qry"):
+                check_user_text(getattr(s, field_name).replace("<|mask|>", ""), s.key, field_name)
+        has_neg = [s.has_negative for s in samples]
         return {
-            "query": self.encoder(q_texts, [s.qry_image for s in samples]),
-            "target": self.encoder(p_texts, [s.pos_image for s in samples]),
-            "negative": self.encoder(n_texts, [s.neg_image if s.neg_text is not None or s.neg_image is not None
-                                               else None for s in samples]),
-            "negative_valid": torch.tensor(valid, dtype=torch.bool),
+            "query": self.encoder([query_sequence(s) for s in samples], [s.qry_image for s in samples]),
+            "target": self.encoder([target_sequence(s) for s in samples], [s.pos_image for s in samples]),
+            "negative": self.encoder([negative_sequence(s) for s in samples],
+                                     [s.neg_image if h else None for s, h in zip(samples, has_neg)]),
+            "negative_valid": torch.tensor(has_neg, dtype=torch.bool),
+            "target_text_id": torch.tensor([identity_id(s.key, "pos", s.pos_text, s.pos_image) for s in samples],
+                                           dtype=torch.long),
+            "negative_text_id": torch.tensor(
+                [identity_id(s.key, "neg", s.neg_text or "", s.neg_image) if h else -1 - i
+                 for i, (s, h) in enumerate(zip(samples, has_neg))], dtype=torch.long),
             "keys": [s.key for s in samples],
         }

@@ -68,7 +68,7 @@ class MuCoModule(LightningModule):
         self.optim_cfg = OptimConfig.coerce(optim)
         self.tokenizer = build_tokenizer(tokenizer)
         self.token_ids = SpecialTokenIds.from_tokenizer(self.tokenizer)
-        self.embedder = Embedder(build_backbone(self.backbone_cfg, self.tokenizer), self.token_ids.emb)
+        self.embedder = Embedder(self.configure_backbone(), self.token_ids.emb)
         self.temperature = Temperature(temperature, learnable=learnable_temperature)
         self.symmetric_loss = symmetric_loss
         self.mask_same_text = mask_same_text
@@ -81,6 +81,14 @@ class MuCoModule(LightningModule):
         self._skipped: dict[str, int] = {}
 
     # ---------------------------------------------------------------- model
+    def configure_backbone(self) -> torch.nn.Module:
+        """The backbone at construction (a hook: fine-tuning may start from a merged pretrained adapter)."""
+        return build_backbone(self.backbone_cfg, self.tokenizer)
+
+    def batch_counts(self, batch: dict[str, Any]) -> dict[str, int]:
+        """Images, pairs and tokens of a batch for throughput logging (a hook for other batch layouts)."""
+        return batch_counts(batch)
+
     def configure_model(self) -> None:
         if getattr(self, "device_mesh", None) is None or self._sharded:
             return  # DDP / single device: nothing to shard
@@ -116,7 +124,7 @@ class MuCoModule(LightningModule):
         self.log("train/temperature", float(self.temperature()), batch_size=len(batch["keys"]))
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0], batch_size=len(batch["keys"]))
         self._log_data_stats(batch)
-        return {"loss": loss, "counts": batch_counts(batch)}
+        return {"loss": loss, "counts": self.batch_counts(batch)}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self.model_step(batch, "val")

@@ -1,0 +1,125 @@
+"""Starting fine-tuning from a pretraining checkpoint (METHOD.md §8.1, §11).
+
+Two ways, chosen by ``FinetuneModule(merge_adapter_first=...)``:
+
+- **continue** (default, as the released code): the fine-tuning model has the same adapter as the pretraining
+  run; its trained weights (adapter, ``<|emb|>``/``<|mask|>`` rows, anything else the checkpoint stored) are
+  loaded into it and keep training. ``model.backbone`` must describe the same model as the pretraining run.
+- **merge**: the pretrained adapter is merged into the base weights with peft's ``merge_and_unload`` and a
+  fresh adapter (``model.backbone.adapter``, which may differ) is trained on top. The merged base weights are
+  frozen and are not stored in fine-tuning checkpoints, so rebuilding one needs ``init_from`` again.
+
+Frozen base weights left out of a checkpoint come back from the backbone config (local weights or the seeded
+preset), so the pretraining run's ``pretrained`` / ``preset`` / ``seed`` must match (checked).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from muco.model.backbone import BackboneConfig, apply_adapter, load_qwen2vl
+from muco.model.tokenizer import SpecialTokenIds
+
+log = logging.getLogger(__name__)
+BACKBONE_PREFIX = "embedder.backbone."
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A muco Lightning checkpoint as a dict (``state_dict``, ``hyper_parameters``), with clear errors."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"init_from={path} is a distributed (FSDP) checkpoint directory; consolidate it first "
+                         f"with `python -m lightning.pytorch.utilities.consolidate_checkpoint {path}`")
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from={path} does not exist; point it at a pretraining run's .ckpt")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own checkpoint, not data
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise ValueError(f"init_from={path} is not a Lightning checkpoint of a muco module")
+    return ckpt
+
+
+def check_compatible(ckpt: dict[str, Any], path: str | Path, tokenizer: str, cfg: BackboneConfig) -> BackboneConfig:
+    """The pretraining run's backbone config, after checking that the frozen weights it left out of the
+    checkpoint are the ones ``cfg`` rebuilds, and that the tokenizer is the same."""
+    hp = ckpt["hyper_parameters"]
+    if hp.get("tokenizer", tokenizer) != tokenizer:
+        raise ValueError(f"init_from={path} was trained with tokenizer {hp['tokenizer']!r} but model.tokenizer is "
+                         f"{tokenizer!r}; the <|emb|>/<|mask|> rows are only meaningful with the same tokenizer")
+    pre = BackboneConfig.coerce(hp.get("backbone"))
+    if pre.pretrained is None and cfg.pretrained is None and (pre.preset, pre.seed) != (cfg.preset, cfg.seed):
+        raise ValueError(f"init_from={path} was pretrained on the random-init preset {pre.preset!r} (seed "
+                         f"{pre.seed}); model.backbone has preset {cfg.preset!r} (seed {cfg.seed})")
+    if (pre.pretrained is None) != (cfg.pretrained is None):
+        raise ValueError(f"init_from={path} has backbone.pretrained={pre.pretrained!r}; model.backbone has "
+                         f"{cfg.pretrained!r}: the frozen base weights would differ")
+    if pre.pretrained is not None and Path(pre.pretrained).name != Path(cfg.pretrained).name:  # type: ignore[arg-type]
+        log.warning("init_from=%s was pretrained on %s; fine-tuning uses %s", path, pre.pretrained, cfg.pretrained)
+    return pre
+
+
+def backbone_weights(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The checkpoint's ``embedder.*`` weights (the temperature and other extras are not carried over)."""
+    return {k: v for k, v in ckpt["state_dict"].items() if k.startswith("embedder.")}
+
+
+def load_continue(module: nn.Module, ckpt: dict[str, Any], path: str | Path) -> set[str]:
+    """Load the pretrained weights into ``module`` (same adapter); returns the names of the parameters
+    loaded that are frozen here (they are not base weights, so fine-tuning checkpoints must keep them)."""
+    weights = backbone_weights(ckpt)
+    own = module.state_dict()
+    unexpected = sorted(k for k in weights if k not in own)
+    bad_shape = sorted(k for k in weights if k in own and own[k].shape != weights[k].shape)
+    if unexpected or bad_shape:
+        pre = ckpt["hyper_parameters"].get("backbone")
+        names = (unexpected or bad_shape)[:3]
+        raise ValueError(
+            f"init_from={path}: {len(unexpected)} pretrained weights have no place in this model and "
+            f"{len(bad_shape)} have another shape (e.g. {names}); continuing the pretrained adapter needs "
+            f"model.backbone to match the pretraining run's ({pre}); or set model.merge_adapter_first=true to "
+            "merge it and train a fresh adapter")
+    if not weights:
+        raise ValueError(f"init_from={path} holds no embedder weights")
+    module.load_state_dict(weights, strict=False)
+    params = dict(module.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    log.info("init_from=%s: loaded %d tensors (continue the pretrained adapter)", path, len(weights))
+    untouched = sorted(trainable - set(weights))
+    if untouched:
+        log.warning("init_from=%s: %d trainable parameters start fresh, e.g. %s", path, len(untouched),
+                    untouched[:3])
+    return {n for n in weights if n in params and n not in trainable}
+
+
+def merged_backbone(ckpt: dict[str, Any], path: str | Path, cfg: BackboneConfig,
+                    tokenizer: PreTrainedTokenizerBase) -> nn.Module:
+    """Base weights of ``cfg`` + the pretraining run's trained weights, its adapter merged into the base, then
+    ``cfg``'s vision freezing, gradient checkpointing and a fresh adapter (as ``build_backbone``)."""
+    pre = BackboneConfig.coerce(ckpt["hyper_parameters"].get("backbone"))
+    ids = SpecialTokenIds.from_tokenizer(tokenizer)
+    model = load_qwen2vl(cfg, tokenizer)
+    if pre.adapter is not None:
+        model = apply_adapter(model, pre.adapter, ids)
+    weights = {k[len(BACKBONE_PREFIX):]: v for k, v in backbone_weights(ckpt).items() if k.startswith(BACKBONE_PREFIX)}
+    _, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or not weights:
+        raise ValueError(f"init_from={path}: weights that do not fit the pretraining run's own backbone config "
+                         f"({pre}), e.g. {unexpected[:3]}")
+    if pre.adapter is not None:
+        model = model.merge_and_unload()  # LoRA/DoRA deltas and the trained token rows go into the base
+    log.info("init_from=%s: merged the pretrained %s into the base; training a fresh adapter on top", path,
+             pre.adapter.kind if pre.adapter else "full weights")
+    model.requires_grad_(True)
+    if cfg.freeze_vision:
+        model.visual.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if cfg.adapter is not None:
+        model = apply_adapter(model, cfg.adapter, ids)
+    return model
