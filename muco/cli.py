@@ -30,10 +30,14 @@ def usage() -> str:
 
 def register_resolvers() -> None:
     """`${mul:a,b}` for configs (e.g. FSDP's data_parallel_size = devices x num_nodes)."""
+    import warnings
+
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("mul"):
-        OmegaConf.register_new_resolver("mul", lambda a, b: int(a) * int(b))
+        with warnings.catch_warnings():  # omegaconf 2.4 deprecates the name, not the behaviour
+            warnings.simplefilter("ignore")
+            OmegaConf.register_new_resolver("mul", lambda a, b: int(a) * int(b))
 
 
 def build_cli(argv: Sequence[str] | None, run: bool = True):
