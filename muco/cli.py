@@ -10,7 +10,7 @@ from muco import __version__
 
 # tool subcommands: name -> (module with `main(argv) -> int`, one-line help)
 TOOLS: dict[str, tuple[str, str]] = {
-    "data": ("muco.data.convert", "`muco data convert`: M3T parquet / JSONL records -> webdataset shards"),
+    "data": ("muco.data.convert_cli", "`muco data convert`: M3T parquet / JSONL records -> webdataset shards"),
     "eval": ("muco.eval.cli", "run MMEB-format evaluation on a checkpoint or an exported model"),
     "export": ("muco.export", "merge the adapter and write a Hugging Face-format directory"),
 }

@@ -201,7 +201,7 @@ def convert_pairs(inputs: str | os.PathLike | list, image_root: str | os.PathLik
 
 
 def main_pairs(args: argparse.Namespace) -> int:
-    """``muco data convert --kind pairs ...`` (arguments parsed by ``muco.data.convert.build_parser``)."""
+    """``muco data convert --kind pairs ...`` (arguments parsed by ``muco.data.convert_cli.build_parser``)."""
     try:
         summary = convert_pairs(
             args.inputs, args.image_root, args.output, fmt=args.format, max_negatives=args.max_negatives,

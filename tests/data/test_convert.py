@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from muco.data import convert
-from muco.data.convert import convert_jsonl, convert_parquet, main
+from muco.data.convert import convert_jsonl, convert_parquet
+from muco.data.convert_cli import main
 from muco.data.records import M3T_TASKS
 
 pa = pytest.importorskip("pyarrow")
