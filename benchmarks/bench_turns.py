@@ -140,16 +140,28 @@ def make_samples(records: list[dict], images: list, keys: list[str], k: int, see
     return out
 
 
+def to_device(x: object, device: torch.device) -> object:
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    return x
+
+
 def train_step(embedder: Embedder, collator: PretrainCollator, samples: list, opt: torch.optim.Optimizer | None,
-               clock: PhaseClock, bf16: bool) -> tuple[dict[str, float], dict, tuple[int, float]]:
+               clock: PhaseClock, bf16: bool, device: torch.device | None = None,
+               ) -> tuple[dict[str, float], dict, tuple[int, float]]:
     """One step; returns (phase -> seconds on the clock's time base, batch, (page faults, system CPU s))."""
     now = clock.now
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = now()
     batch = collator(samples)
+    device = device or torch.device("cpu")
+    if device.type != "cpu":  # the host-to-device copy is part of the collate phase
+        batch = to_device(batch, device)
     t1 = now()
     keys, turns = batch["keys"], batch["num_turns"]
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         q = embedder(batch["query"], turns, keys)
         t = embedder(batch["target"], turns, keys)
     t2 = now()
@@ -211,13 +223,22 @@ def main(argv: list[str] | None = None) -> float:
                     help="let glibc return freed memory to the OS (every large tensor then page-faults afresh)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--profile", action="store_true", help="torch.profiler of one extra step per K: top ops")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda: on CUDA every phase boundary synchronises and the "
+                    "clock is wall time")
     args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        args.clock = "wall"
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes via PEFT
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.no_malloc_cache:
         keep_freed_memory()
     now = time.process_time if args.clock == "cpu" else time.perf_counter
+    if device.type == "cuda":
+        def now() -> float:  # phase timings need the queued kernels finished
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
     torch.manual_seed(args.seed)
     start = time.perf_counter()
 
@@ -233,7 +254,7 @@ def main(argv: list[str] | None = None) -> float:
     cfg = BackboneConfig(preset=args.preset, adapter=AdapterConfig(r=lora_r, alpha=lora_r),
                          gradient_checkpointing=args.grad_ckpt, attn_implementation=args.attn, seed=args.seed)
     backbone = build_backbone(cfg, tok)
-    embedder = Embedder(backbone, SpecialTokenIds.from_tokenizer(tok).emb).train()
+    embedder = Embedder(backbone, SpecialTokenIds.from_tokenizer(tok).emb).to(device).train()
     opt = None if args.no_optim else torch.optim.AdamW(param_groups(embedder, 0.01), lr=5e-5)
     clock = PhaseClock(backbone, now)
     collator = PretrainCollator(tok, policy)
@@ -256,13 +277,14 @@ def main(argv: list[str] | None = None) -> float:
     faults: dict[int, list[tuple[int, float]]] = {k: [] for k in TURNS}
     for k in TURNS:  # warm-up, not counted
         recs, ims, keys = batch_for(-1)
-        train_step(embedder, collator, make_samples(recs, ims, keys, k, args.seed, -1), opt, clock, args.bf16)
+        train_step(embedder, collator, make_samples(recs, ims, keys, k, args.seed, -1), opt, clock, args.bf16,
+                   device)
     for rep in range(args.reps):
         recs, ims, keys = batch_for(rep)
         for k in TURNS if rep % 2 == 0 else TURNS[::-1]:
             gc.collect()  # outside the timed step
             ph, batch, fault = train_step(embedder, collator, make_samples(recs, ims, keys, k, args.seed, rep),
-                                          opt, clock, args.bf16)
+                                          opt, clock, args.bf16, device)
             phases[k].append(ph)
             faults[k].append(fault)
             shapes[k].append(StepShape.from_batch(batch))
@@ -381,10 +403,12 @@ def main(argv: list[str] | None = None) -> float:
             recs, ims, keys = batch_for(R)
             samples = make_samples(recs, ims, keys, k, args.seed, R)
             with profile(activities=[ProfilerActivity.CPU]) as prof:
-                train_step(embedder, collator, samples, opt, clock, args.bf16)
+                train_step(embedder, collator, samples, opt, clock, args.bf16, device)
             print(f"\ntorch.profiler, K={k}: top ops by self CPU time")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=16, max_name_column_width=44))
 
+    if device.type == "cuda":
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
     print(f"(total runtime {time.perf_counter() - start:.0f} s)")
     print(f"ratio={ratio:.2f} flop_ratio={flop_ratio:.2f}")
     return ratio
