@@ -9,6 +9,7 @@ OUT_DIR=${1:-runs/gpu_check}
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python3}
+export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"  # the benchmarks import muco from the checkout
 STEPS=${STEPS:-40}
 
 section() { echo; echo "=== $* ($(date +%T))"; }
@@ -27,13 +28,15 @@ timeout 240 $PY benchmarks/bench_turns.py --device cuda --preset 2b --bf16 --gra
 fit() {  # name, extra args...
   local name=$1; shift
   section "muco fit: 2B recipe, $name"
-  timeout 200 $PY -m muco fit --config configs/m3t_2b.yaml "$@" \
-    --model.init_args.tokenizer qwen-offline --model.init_args.backbone.pretrained null \
-    --model.init_args.backbone.preset 2b --trainer.devices 1 --trainer.num_nodes 1 \
-    --trainer.max_steps "$STEPS" --trainer.log_every_n_steps 5 --trainer.val_check_interval null \
-    --trainer.limit_val_batches 0 --trainer.enable_progress_bar false \
+  # configs/m3t_2b.yaml's model and trainer with a random-init 2B (no weights on this machine)
+  timeout 200 $PY -m muco fit --config configs/tiny.yaml "$@" \
+    --model.init_args.tokenizer qwen-offline --model.init_args.backbone.preset 2b \
+    --model.init_args.backbone.dtype bfloat16 --model.init_args.backbone.gradient_checkpointing true \
+    --model.init_args.backbone.adapter "{kind: lora, r: 64, alpha: 64}" --model.init_args.optim.lr 5e-5 \
+    --trainer.accelerator gpu --trainer.precision bf16-mixed --trainer.devices 1 --trainer.num_nodes 1 \
+    --trainer.max_steps "$STEPS" --trainer.log_every_n_steps 5 --trainer.limit_val_batches 0 --trainer.enable_progress_bar false \
     --trainer.logger.init_args.save_dir "$OUT_DIR" --trainer.logger.init_args.name "$name" \
-    --data.init_args.train_shards data/demo/train/manifest.json --data.init_args.val_shards null \
+    --data.init_args.image_policy pretrain --data.init_args.val_shards null \
     --data.init_args.samples_per_epoch 1500 --data.init_args.batch_size 32 --data.init_args.num_workers 6 \
     2>&1 | grep -v -i "warn" | tail -n 15
   $PY - "$OUT_DIR/$name" <<'PY'

@@ -13,6 +13,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "data": ("muco.data.convert_cli", "`muco data convert`: M3T parquet / JSONL records -> webdataset shards"),
     "eval": ("muco.eval.cli", "run MMEB-format evaluation on a checkpoint or an exported model"),
     "export": ("muco.export", "merge the adapter and write a Hugging Face-format directory"),
+    "mine": ("muco.mine.cli", "mine hard negatives for every query turn of a shard set (a sidecar for training)"),
 }
 TRAINING = {
     "fit": "train: muco fit --config configs/<run>.yaml [--trainer.max_steps N ...]",

@@ -12,6 +12,10 @@ union over ranks is the whole set. With fewer val shards than ranks every rank r
 work, same metrics). Ranks may then run different numbers of val batches: validation steps must not run
 per-step collectives; epoch-level ``self.log(..., sync_dist=True)`` is fine.
 
+Mined negatives (``negatives``, see :mod:`muco.data.negatives`): training samples also draw hard negatives
+from a ``muco mine`` sidecar (rank band, negatives per turn); batches then carry packed negative sequences
+(:class:`~muco.data.collate.PretrainCollator`). Validation batches never do.
+
 Resume: ``state_dict`` holds the last data epoch and the samples seen; after ``load_state_dict`` the next
 iterator uses the *next* epoch's seeds instead of replaying batches (STACK.md §13).
 """
@@ -30,6 +34,7 @@ from torch.utils.data import DataLoader
 
 from muco.data.collate import PretrainCollator
 from muco.data.image_policy import ImagePolicy
+from muco.data.negatives import NegativeSampler, NegativesConfig, load_negatives
 from muco.data.shards import ShardSet, is_remote, peek_first_json, resolve_shards
 from muco.data.stream import M3TStream, SharedEpoch, StreamConfig
 from muco.data.turns import TURN_ORDERS
@@ -79,10 +84,13 @@ class M3TDataModule(LightningDataModule):
         persistent_workers: bool = True,
         prefetch_factor: int = 2,
         pin_memory: bool = False,
+        negatives: NegativesConfig | None = None,
     ) -> None:
         """``train_shards``: a brace pattern / glob / manifest.json, or a list of them (one source); with
         ``train_weights`` each list entry is one source, mixed per sample with those weights.
-        ``batch_size`` is per device, in images; ``samples_per_epoch`` is global (all ranks)."""
+        ``batch_size`` is per device, in images; ``samples_per_epoch`` is global (all ranks).
+        ``negatives``: mined hard negatives for training, ``{sidecar: <muco mine output dir>, band: [lo, hi],
+        per_turn: n}`` (ranks inclusive, 1 = hardest; default band [1, 10], one per turn); None: in-batch only."""
         super().__init__()
         self.save_hyperparameters()  # stored in checkpoints, so a run's data config can be recovered
         self.train_shards, self.val_shards, self.train_weights = train_shards, val_shards, train_weights
@@ -97,6 +105,9 @@ class M3TDataModule(LightningDataModule):
         self.train_config: StreamConfig | None = None
         self.val_config: StreamConfig | None = None
         self.collator: PretrainCollator | None = None
+        self.negatives = NegativesConfig.coerce(negatives)
+        self.negative_sampler: NegativeSampler | None = None  # loaded once, in setup("fit")
+        self._train_samples: int | None = None  # training samples in the manifests, when they say
         self._shared_epoch: SharedEpoch | None = None  # created in setup (holds shared memory)
         self._data_epoch = -1  # last epoch handed to an iterator
         self._min_epoch = 0  # the next iterator's epoch is at least this (raised on resume)
@@ -118,6 +129,8 @@ class M3TDataModule(LightningDataModule):
             self._shared_epoch = SharedEpoch(max(0, self._data_epoch))
         if stage in (None, "fit"):
             self.train_config = self._train_config(policy, world)
+            if self.negatives is not None and self.negative_sampler is None:
+                self.negative_sampler = self._load_negatives(self.negatives)
         if self.val_shards is not None and stage in (None, "fit", "validate"):
             val = resolve_shards(self.val_shards)
             self.val_config = StreamConfig(
@@ -145,6 +158,7 @@ class M3TDataModule(LightningDataModule):
             sets = [resolve_shards(self.train_shards)]
         expected = self._check_turns(sets[0], "data.train_shards")
         counts = [s.num_samples for s in sets]
+        self._train_samples = sum(counts) if all(c is not None for c in counts) else None  # type: ignore[arg-type]
         per_epoch = self.samples_per_epoch
         if per_epoch is None and all(c is not None for c in counts):
             per_epoch = sum(counts)  # type: ignore[arg-type]  # one epoch ~ one pass (manifest counts)
@@ -169,6 +183,18 @@ class M3TDataModule(LightningDataModule):
             turns_per_sample=self.turns_per_sample, image_policy=policy, weights=self.train_weights,
             expected_turns=expected, resampled=self.resampled, shuffle_buffer=self.shuffle_buffer,
             seed=self.seed, samples_per_epoch=per_epoch, train=True, turn_order=self.turn_order)
+
+    def _load_negatives(self, cfg: NegativesConfig) -> NegativeSampler:
+        sampler = load_negatives(cfg)
+        n, of = len(sampler), self._train_samples
+        share = f" of {of} ({100 * n / of:.1f}%)" if of else ""
+        lo, hi = cfg.band
+        log.info("mined negatives from %s: %d training samples%s have negatives in ranks %d-%d (%d sample turns); "
+                 "%d per turn", cfg.sidecar, n, share, lo, hi, sampler.num_turns(), cfg.per_turn)
+        if n == 0:
+            log.warning("no sample of %s has a negative in ranks %d-%d: every negative is masked; check "
+                        "data.negatives.band against the sidecar's top_k", cfg.sidecar, lo, hi)
+        return sampler
 
     def _specs(self) -> list:
         if self.train_weights is None:
@@ -205,7 +231,8 @@ class M3TDataModule(LightningDataModule):
         if rank is None or world_size is None:
             rank, world_size = self.dist_info()
         epoch = self._shared_epoch if split == "train" else None
-        return M3TStream(cfg, self.collator, rank, world_size, epoch)
+        negatives = self.negative_sampler if split == "train" else None
+        return M3TStream(cfg, self.collator, rank, world_size, epoch, negatives)
 
     def _loader(self, ds: M3TStream, workers: int, train: bool) -> DataLoader:
         kw: dict[str, Any] = {"num_workers": workers, "pin_memory": self.pin_memory}
@@ -261,6 +288,9 @@ class M3TDataModule(LightningDataModule):
             c = self.train_config
             parts.append(f"train {sum(map(len, c.sources))} shards in {len(c.sources)} source(s), "
                          f"{'resampled' if c.resampled else 'split'}, {c.samples_per_epoch} samples/epoch")
+            if self.negatives is not None:
+                parts.append(f"mined negatives ranks {self.negatives.band[0]}-{self.negatives.band[1]}, "
+                             f"{self.negatives.per_turn} per turn")
         if self.val_config is not None:
             parts.append(f"val {len(self.val_config.sources[0])} shards")
         return "; ".join(parts) or "not set up"

@@ -33,8 +33,9 @@ from webdataset.tariterators import base_plus_ext
 
 from muco.data.collate import BadSampleError, PretrainCollator, PretrainSample
 from muco.data.image_policy import MAX_ASPECT, ImagePolicy
+from muco.data.negatives import NegativeSampler
 from muco.data.records import M3TRecord
-from muco.data.turns import draw_turns, permute_turns, sample_rng, stable_seed
+from muco.data.turns import apply_order, draw_turns_indexed, permute_turns, sample_rng, stable_seed
 
 log = logging.getLogger("muco.data")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -83,8 +84,10 @@ def load_image(data: bytes, policy: ImagePolicy) -> Image.Image:
     return policy.prepare(im, draft=True)  # decodes here: a corrupt file fails inside the skip handler
 
 
-def decode_sample(raw: dict[str, Any], cfg: StreamConfig, epoch: int) -> PretrainSample:
-    """Raw tar members -> a validated sample with its turns drawn; raises on any problem."""
+def decode_sample(raw: dict[str, Any], cfg: StreamConfig, epoch: int,
+                  negatives: NegativeSampler | None = None) -> PretrainSample:
+    """Raw tar members -> a validated sample with its turns (and, with a sampler, its mined negatives) drawn;
+    raises on any problem."""
     key = raw["__key__"]
     if "json" not in raw:
         raise BadSampleError("missing member .json")
@@ -96,9 +99,11 @@ def decode_sample(raw: dict[str, Any], cfg: StreamConfig, epoch: int) -> Pretrai
     if (cfg.expected_turns is not None and n != cfg.expected_turns) or n < cfg.turns_per_sample:
         raise BadSampleError(f"has {n} turns, expected {cfg.expected_turns or cfg.turns_per_sample}")
     image = load_image(raw[ext], cfg.image_policy)
-    queries, targets = draw_turns(record.turns, cfg.turns_per_sample, sample_rng(cfg.seed, epoch, key),
-                                  shuffle=cfg.turn_order == "sample")
-    return PretrainSample(key=key, image=image, queries=queries, targets=targets)
+    queries, targets, turns = draw_turns_indexed(record.turns, cfg.turns_per_sample,
+                                                 sample_rng(cfg.seed, epoch, key), shuffle=cfg.turn_order == "sample")
+    # the negatives' own RNG: the turn draws above do not change when negatives are on
+    negs = None if negatives is None else negatives.draw_seeded(key, turns, cfg.seed, epoch)
+    return PretrainSample(key=key, image=image, queries=queries, targets=targets, turns=turns, negatives=negs)
 
 
 class _SkipLog:
@@ -136,8 +141,9 @@ class M3TStream(IterableDataset):
     """Collated M3T batches for one rank; ``len()`` is the batch count per rank when it is fixed."""
 
     def __init__(self, cfg: StreamConfig, collator: PretrainCollator, rank: int = 0, world_size: int = 1,
-                 epoch: SharedEpoch | None = None) -> None:
+                 epoch: SharedEpoch | None = None, negatives: NegativeSampler | None = None) -> None:
         super().__init__()
+        self.negatives = negatives  # mined negatives drawn per sample (training with data.negatives)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.cfg, self.collator, self.rank, self.world_size = cfg, collator, rank, world_size
@@ -247,7 +253,7 @@ class M3TStream(IterableDataset):
 
     def decode(self, raw: dict[str, Any], epoch: int) -> Any:
         """Raw tar members -> one collator input; raises on a bad sample (subclasses decode other kinds)."""
-        return decode_sample(raw, self.cfg, epoch)
+        return decode_sample(raw, self.cfg, epoch, self.negatives)
 
     def _batches(self, samples: Iterator[PretrainSample], epoch: int, wid: str) -> Iterator[dict[str, Any]]:
         bs, buf = self.cfg.batch_size, []
@@ -268,6 +274,10 @@ class M3TStream(IterableDataset):
             range(k), k)
         for s in buf:
             s.queries, s.targets = permute_turns(s.queries, s.targets, order)
+            if s.turns is not None:
+                s.turns = apply_order(s.turns, order)
+            if s.negatives is not None:
+                s.negatives = [apply_order(draw, order) for draw in s.negatives]
         return buf
 
     def _collate(self, buf: list[PretrainSample], epoch: int, wid: str) -> Iterator[dict[str, Any]]:

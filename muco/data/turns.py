@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def stable_seed(*parts: object) -> int:
@@ -45,8 +47,17 @@ def draw_turns(
 
     With ``shuffle=False`` the drawn subset keeps the stored order (a batch-level order is applied later, see
     :func:`permute_turns`). ``record_turns`` holds :class:`muco.data.records.Turn` objects or mappings with
-    ``queries``/``target``.
+    ``queries``/``target``. :func:`draw_turns_indexed` also gives the stored indices of the drawn turns.
     """
+    queries, targets, _ = draw_turns_indexed(record_turns, num_turns, rng, shuffle)
+    return queries, targets
+
+
+def draw_turns_indexed(
+    record_turns: Sequence[Any], num_turns: int, rng: random.Random, shuffle: bool = True
+) -> tuple[list[str], list[str], list[int]]:
+    """:func:`draw_turns` plus the stored index (0-based position in the record) of each drawn turn, in drawn
+    order; the RNG is consumed exactly as by :func:`draw_turns`, so both draw the same turns."""
     n = len(record_turns)
     if not 1 <= num_turns <= n:
         raise ValueError(f"cannot draw {num_turns} turns from a record with {n} turns")
@@ -60,9 +71,15 @@ def draw_turns(
             raise ValueError(f"turn {i} has no candidate query")
         queries.append(cands[rng.randrange(len(cands))])
         targets.append(target)
-    return queries, targets
+    return queries, targets, order
+
+
+def apply_order(items: Sequence[T], order: Sequence[int]) -> list[T]:
+    """``items`` rearranged so that position k holds ``items[order[k]]``."""
+    return [items[i] for i in order]
 
 
 def permute_turns(queries: list[str], targets: list[str], order: Sequence[int]) -> tuple[list[str], list[str]]:
-    """Apply one turn order to a sample's queries and targets alike (``turn_order="batch"``)."""
-    return [queries[i] for i in order], [targets[i] for i in order]
+    """Apply one turn order to a sample's queries and targets alike (``turn_order="batch"``); a sample's
+    turn indices and negatives follow with :func:`apply_order`."""
+    return apply_order(queries, order), apply_order(targets, order)

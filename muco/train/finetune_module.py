@@ -48,6 +48,7 @@ class FinetuneModule(MuCoModule):
         merge_adapter_first: merge the pretrained adapter into the base and train a fresh adapter
             (``backbone.adapter``); default false: continue training the pretrained adapter (released code).
         mask_same_text: also mask in-batch targets and hard negatives whose text equals the row's positive.
+        temperature_schedule: τ annealing over optimizer steps, as in :class:`MuCoModule`.
     """
 
     def __init__(
@@ -69,6 +70,7 @@ class FinetuneModule(MuCoModule):
         released_placeholder: bool = False,
         init_from: str | None = None,
         merge_adapter_first: bool = False,
+        temperature_schedule: dict | None = None,
     ) -> None:
         if loss not in LOSSES:
             raise ValueError(f"model.loss={loss!r}; choose one of {sorted(LOSSES)}")
@@ -79,7 +81,8 @@ class FinetuneModule(MuCoModule):
         self._init_ckpt: dict[str, Any] | None = None  # read once, by configure_backbone or below
         # MuCoModule saves every init argument (these included) before it builds the backbone
         super().__init__(tokenizer, backbone, temperature, learnable_temperature, False, mask_same_text, optim,
-                         save_frozen_weights, eval_image_policy, val_tasks, val_task_limit, eval_batch_size)
+                         save_frozen_weights, eval_image_policy, val_tasks, val_task_limit, eval_batch_size,
+                         temperature_schedule)
         self.loss_name, self.hard_negatives = loss, hard_negatives
         self.released_placeholder = released_placeholder
         self.init_from, self.merge_adapter_first = init_from, merge_adapter_first

@@ -8,24 +8,57 @@ import torch
 from lightning.pytorch import LightningModule
 
 from muco.losses.pretrain import pretrain_loss
-from muco.losses.temperature import Temperature
+from muco.losses.temperature import Temperature, TemperatureSchedule
 from muco.model.backbone import BackboneConfig, build_backbone
 from muco.model.embedder import Embedder
+from muco.model.pooling import PooledEmbeddings
 from muco.model.tokenizer import SpecialTokenIds, build_tokenizer
 from muco.train.optim import OptimConfig, build_optimizer
 from muco.train.sharding import fully_shard_backbone
 
 
 def batch_counts(batch: dict[str, Any]) -> dict[str, int]:
-    """Images, pairs and tokens of a batch, for throughput logging."""
+    """Images, pairs and tokens of a batch, for throughput logging (mined negatives count as tokens only)."""
     q, t = batch["query"], batch["target"]
     grid = q.get("image_grid_thw")
+    tokens = q["attention_mask"].sum() + t["attention_mask"].sum()
+    if "negative" in batch:
+        tokens = tokens + batch["negative"]["attention_mask"].sum()
     return {
         "images": 0 if grid is None else int(grid.shape[0]),
         "samples": len(batch["keys"]),
         "pairs": int(batch["num_turns"].sum()),
-        "tokens": int(q["attention_mask"].sum() + t["attention_mask"].sum()),
+        "tokens": int(tokens),
     }
+
+
+def coerce_schedule(value: TemperatureSchedule | dict | None) -> TemperatureSchedule | None:
+    """``model.temperature_schedule`` (a dict in YAML) as a :class:`TemperatureSchedule`."""
+    if value is None or isinstance(value, TemperatureSchedule):
+        return value
+    if not isinstance(value, dict):
+        raise TypeError(f"model.temperature_schedule must be a mapping, got {value!r}")
+    known = {"mode", "tau_start", "tau_end", "total_steps"}
+    if set(value) - known:
+        raise ValueError(f"model.temperature_schedule: unknown keys {sorted(set(value) - known)}; "
+                         f"expected {sorted(known)}")
+    try:
+        return TemperatureSchedule(**value)
+    except ValueError as e:
+        raise ValueError(f"model.temperature_schedule: {e}") from e
+
+
+def own_turn_negative_sim(q: PooledEmbeddings, neg: PooledEmbeddings, num_turns: torch.Tensor,
+                          valid: torch.Tensor, per_turn: int) -> torch.Tensor | None:
+    """Mean cosine of each query row with the negatives of its own sample and turn (valid ones only); None
+    when no negative is valid. Negative sequences are sample-major, ``per_turn`` per sample."""
+    if not bool(valid.any()):
+        return None
+    sample = neg.sample_id // per_turn
+    starts = torch.cumsum(num_turns, 0) - num_turns
+    rows = starts.to(sample.device)[sample] + neg.turn_id
+    sims = (neg.emb.detach() * q.emb.detach()[rows]).sum(-1)
+    return sims[valid.to(sims.device)].mean()
 
 
 class MuCoModule(LightningModule):
@@ -36,6 +69,12 @@ class MuCoModule(LightningModule):
         backbone: where the Qwen2-VL weights come from, adapter, checkpointing.
         temperature: τ of the InfoNCE (0.02, fixed, as in paper and released code).
         learnable_temperature: learn log τ instead (off by default).
+        temperature_schedule: anneal τ over optimizer steps instead, e.g. ``{mode: cosine, tau_start: 0.05,
+            tau_end: 0.02, total_steps: 1000}`` (``mode``: constant | linear | cosine; ``tau_end`` after
+            ``total_steps``; see :class:`~muco.losses.temperature.TemperatureSchedule`). Replaces
+            ``temperature``; cannot be combined with ``learnable_temperature``. Steps are the trainer's
+            ``global_step``, so a resumed run continues the schedule. The current τ is logged as
+            ``train/temperature``.
         symmetric_loss: add the target→query term (off, as in the released code).
         mask_same_text: also mask in-batch targets whose text equals the row's positive (identical answers of
             different images are false negatives; off by default, as in the paper).
@@ -45,6 +84,12 @@ class MuCoModule(LightningModule):
         eval_image_policy: resolution preset for MMEB-format evaluation (in `fit` and of this checkpoint).
         val_tasks: an MMEB-format task list (YAML) run at the end of every validation epoch, logged under
             ``val/<task>/precision@1`` and ``val/overall``; ``val_task_limit`` queries per task.
+
+    Batches with mined negatives (``data.negatives``: a ``negative`` entry of packed K-turn negative sequences)
+    embed them with the same encoder and append them, gathered from all ranks, as extra columns of every query
+    row; missing negatives and negatives whose text equals a row's positive are masked. Logged:
+    ``train/neg_sim`` (mean cosine of each query row with its own turn's valid negatives) and
+    ``train/neg_valid_frac``.
     """
 
     def __init__(
@@ -61,15 +106,20 @@ class MuCoModule(LightningModule):
         val_tasks: str | None = None,
         val_task_limit: int | None = 100,
         eval_batch_size: int = 32,
+        temperature_schedule: dict | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        schedule = coerce_schedule(temperature_schedule)
+        if schedule is not None and learnable_temperature:
+            raise ValueError("model.learnable_temperature and model.temperature_schedule exclude each other: "
+                             "τ is either learned or annealed on a schedule; set one of them")
         self.backbone_cfg = BackboneConfig.coerce(backbone)
         self.optim_cfg = OptimConfig.coerce(optim)
         self.tokenizer = build_tokenizer(tokenizer)
         self.token_ids = SpecialTokenIds.from_tokenizer(self.tokenizer)
         self.embedder = Embedder(self.configure_backbone(), self.token_ids.emb)
-        self.temperature = Temperature(temperature, learnable=learnable_temperature)
+        self.temperature = Temperature(temperature, learnable=learnable_temperature, schedule=schedule)
         self.symmetric_loss = symmetric_loss
         self.mask_same_text = mask_same_text
         self.save_frozen_weights = save_frozen_weights
@@ -103,8 +153,22 @@ class MuCoModule(LightningModule):
         # global image ids: ranks hold equal batch sizes (the DataModule drops partial batches)
         gid = self.global_rank * len(keys) + q.sample_id
         text_ids = batch.get("target_text_id") if self.mask_same_text else None
+        kw: dict[str, Any] = {}
+        neg_metrics: dict[str, torch.Tensor] = {}
+        if "negative" in batch:
+            # every rank has B*per_turn*K negative rows (missing ones are masked placeholders): equal gathers
+            per_turn = batch["negative_num_turns"].numel() // max(1, len(keys))
+            neg = self.embedder(batch["negative"], batch["negative_num_turns"],
+                                [k for k in keys for _ in range(per_turn)])
+            valid = batch["negative_valid"]
+            kw = dict(negatives=neg.emb, negative_valid=valid, negative_text_id=batch["negative_text_id"])
+            text_ids = batch["target_text_id"]  # also masks a negative whose text equals a row's positive
+            neg_metrics[f"{stage}/neg_valid_frac"] = valid.float().mean()
+            sim = own_turn_negative_sim(q, neg, num_turns, valid, per_turn)
+            if sim is not None:
+                neg_metrics[f"{stage}/neg_sim"] = sim
         out = pretrain_loss(q.emb, t.emb, gid, tau=self.temperature(), symmetric=self.symmetric_loss,
-                            positive_text_id=text_ids, mask_same_text=self.mask_same_text)
+                            positive_text_id=text_ids, mask_same_text=self.mask_same_text, **kw)
         bs = len(keys)
         self.log(f"{stage}/loss", out.loss, prog_bar=True, batch_size=bs, sync_dist=stage != "train")
         self.log_dict(
@@ -112,6 +176,7 @@ class MuCoModule(LightningModule):
                 f"{stage}/pos_sim": out.pos_sim,
                 f"{stage}/hardest_neg_sim": out.hardest_neg_sim,
                 f"{stage}/masked_frac": out.masked_frac,
+                **neg_metrics,
             },
             batch_size=bs,
             sync_dist=stage != "train",

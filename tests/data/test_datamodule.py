@@ -302,3 +302,79 @@ def test_lightning_fit_epochs_checkpoint_and_resume(make_shards, tmp_path):
     assert state == {"epoch": 1, "samples_seen": 12, "seed": 0}
     resumed, _ = run(3, ckpt)
     assert resumed.seen == [(2, 2)] * 3
+
+
+# -- mined negatives ---------------------------------------------------------------------------------------
+def _stored_turn(key: str, target_id: int) -> int:
+    from muco.data.collate import text_id
+
+    return next(t for t in range(7) if text_id(f"{key} t{t}") == target_id)  # record_json's target texts
+
+
+def test_mined_negatives_join_their_samples_and_turns(make_shards, tmp_path, caplog):
+    from muco.data.collate import text_id
+    from tests.mined import neg_text, ranked_rows, write_sidecar
+
+    pattern, keys, manifest = make_shards(n_shards=2, per_shard=4)
+    with_negs = keys[:6]  # the other 2 samples are not in the sidecar: all their negatives are missing
+    rows = ranked_rows(with_negs, range(7), top_k=12)
+    for t in range(7):  # one turn of one sample has a negative above the band only: missing as well
+        rows[(keys[0], t)] = rows[(keys[0], t)][:1] if t == 3 else rows[(keys[0], t)]
+    sidecar = write_sidecar(tmp_path / "mined", rows)
+    kw = dict(batch_size=4, num_workers=0, turns_per_sample=5, resampled=False, **TINY)  # each sample once
+    dm = M3TDataModule(str(manifest), val_shards=pattern, **kw,
+                       negatives={"sidecar": str(sidecar), "band": [3, 6], "per_turn": 2})
+    with caplog.at_level(logging.INFO, logger="muco.data"):
+        dm.setup("fit")
+    assert "6 training samples of 8 (75.0%) have negatives in ranks 3-6" in caplog.text
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 2 and sorted(keys_of(batches)) == keys
+    seen = Counter()
+    for b in batches:
+        B, K, P = 4, 5, 2
+        assert b["negative_num_turns"].tolist() == [K] * (B * P)
+        assert b["negative_valid"].shape == b["negative_text_id"].shape == (B * P * K,)
+        valid, nid = b["negative_valid"].view(B, P, K), b["negative_text_id"].view(B, P, K)
+        for i, key in enumerate(b["keys"]):
+            for k in range(K):
+                turn = _stored_turn(key, int(b["target_text_id"][i * K + k]))
+                band = {text_id(neg_text(key, turn, r)) for r in range(3, 7)}
+                has = key in with_negs and not (key == keys[0] and turn == 3)
+                assert valid[i, :, k].tolist() == [has, has]
+                seen[has] += 1
+                if has:  # two different negatives of this very sample and stored turn, from ranks 3..6
+                    assert set(nid[i, :, k].tolist()) <= band and nid[i, 0, k] != nid[i, 1, k]
+    assert seen[True] > 0 and seen[False] >= 10  # keys[6:] miss all their 2 x 5 negatives
+    # validation batches have no negatives
+    assert not any(k.startswith("negative") for b in dm.val_dataloader() for k in b)
+
+    # reproducible, and switching negatives on does not change the drawn turns and queries
+    again = M3TDataModule(str(manifest), **kw, negatives={"sidecar": str(sidecar), "band": [3, 6], "per_turn": 2})
+    again.setup("fit")
+    plain = M3TDataModule(str(manifest), **kw)
+    plain.setup("fit")
+    for a, b, c in zip(again.train_dataloader(), batches, plain.train_dataloader()):
+        assert torch.equal(a["negative_text_id"], b["negative_text_id"])
+        assert torch.equal(b["target_text_id"], c["target_text_id"])
+        assert torch.equal(b["query"]["input_ids"], c["query"]["input_ids"])
+
+
+def test_negatives_sidecar_errors_are_early_and_clear(make_shards, tmp_path):
+    _, _, manifest = make_shards(n_shards=2, per_shard=4)
+
+    def setup(sidecar):
+        dm = M3TDataModule(str(manifest), batch_size=2, num_workers=0, **TINY, negatives={"sidecar": str(sidecar)})
+        dm.setup("fit")
+
+    with pytest.raises(FileNotFoundError, match=r"data.negatives.sidecar=.*nowhere' does not exist"):
+        setup(tmp_path / "nowhere")
+    (tmp_path / "half").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no manifest.json"):
+        setup(tmp_path / "half")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "manifest.json").write_text('{"format": "something else"}')
+    with pytest.raises(ValueError, match=r"data.negatives.sidecar=.*bad' is not a readable negatives sidecar"):
+        setup(bad)
+    with pytest.raises(ValueError, match="band must be"):
+        M3TDataModule(str(manifest), negatives={"sidecar": str(bad), "band": [0, 3]})

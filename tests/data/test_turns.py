@@ -73,3 +73,38 @@ def test_too_many_turns_raises():
         draw_turns(_turns(), 8, sample_rng(0, 0, "k"))
     with pytest.raises(ValueError):
         draw_turns(_turns(), 0, sample_rng(0, 0, "k"))
+
+
+def test_indexed_draw_gives_the_stored_turn_of_each_drawn_turn():
+    from muco.data.turns import draw_turns_indexed
+
+    turns = _turns()
+    for key in range(30):
+        for shuffle in (True, False):
+            q, t, idx = draw_turns_indexed(turns, 4, sample_rng(0, 0, f"k{key}"), shuffle=shuffle)
+            # the same RNG use as draw_turns: identical draws, plus where each came from
+            assert (q, t) == draw_turns(turns, 4, sample_rng(0, 0, f"k{key}"), shuffle=shuffle)
+            assert t == [f"a{i}" for i in idx] and len(set(idx)) == 4
+            assert idx == sorted(idx) or shuffle
+
+
+def test_batch_turn_order_permutes_turn_indices_and_negatives_alike():
+    from muco.data.collate import PretrainSample
+    from muco.data.image_policy import ImagePolicy
+    from muco.data.stream import M3TStream, StreamConfig
+
+    cfg = StreamConfig(sources=[["x.tar"]], batch_size=3, turns_per_sample=4, image_policy=ImagePolicy.preset("tiny"),
+                       turn_order="batch")
+    stream = M3TStream(cfg, collator=None)  # type: ignore[arg-type]  # only the batch order is used
+    buf = [PretrainSample(f"s{i}", None, [f"q{i}.{j}" for j in (0, 2, 3, 6)], [f"a{i}.{j}" for j in (0, 2, 3, 6)],
+                          turns=[0, 2, 3, 6], negatives=[[f"n{i}.{j}.{d}" for j in (0, 2, 3, 6)] for d in range(2)])
+           for i in range(3)]
+    orders = set()
+    for _ in range(6):
+        for s in stream._batch_order(buf, epoch=0, wid="r0w0"):
+            for k, turn in enumerate(s.turns):
+                assert s.queries[k].endswith(f".{turn}") and s.targets[k].endswith(f".{turn}")
+                assert [d[k] for d in s.negatives] == [f"n{s.key[1:]}.{turn}.{d}" for d in range(2)]
+        assert len({tuple(s.turns) for s in buf}) == 1  # one order for the whole batch
+        orders.add(tuple(buf[0].turns))
+    assert len(orders) > 1

@@ -1,0 +1,175 @@
+"""Embedding for mining: every query turn as in training, every unique target text once.
+
+**Queries.** Each sample's query sequence is the K-turn pretraining sequence (``PRETRAIN`` template, the image in
+front of turn 1) built by the training collator, with the record's turns in their STORED order and, for every
+turn, its FIRST candidate query. Training draws a random order and a random candidate per epoch; mining fixes
+this one canonical choice so a sidecar is reproducible and its ``turn`` field is the stored turn index.
+Images are decoded with the training stream's ``load_image`` under the training image policy.
+
+**Targets (the corpus).** Every unique target text once, with the single-turn template ``BASE(t)`` (text only,
+as stored). ``BASE(t) == PRETRAIN([t])``, so this is exactly a target's embedding as the first turn of a
+training target sequence.
+
+Shards are read with the training stream's tar reader: in the order given, every rank reading every shard and
+decoding only its strided share (sample ``i`` of shard ``s`` belongs to rank ``(s + i) % world``). Bad samples
+are skipped with the stream's counted, rate-limited warning naming the shard and the key.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, get_worker_info
+from tqdm import tqdm
+
+from muco.data.collate import BadSampleError, PretrainCollator, PretrainSample
+from muco.data.image_policy import ImagePolicy
+from muco.data.records import M3TRecord
+from muco.data.stream import IMAGE_EXTS, M3TStream, StreamConfig, load_image
+from muco.encoder import MuCoEncoder
+
+log = logging.getLogger("muco.mine")
+
+
+def canonical_turns(record: M3TRecord) -> tuple[list[str], list[str]]:
+    """(queries, targets) in stored turn order, each turn's first candidate query."""
+    return [t.queries[0] for t in record.turns], [t.target for t in record.turns]
+
+
+class MineStream(M3TStream):
+    """One pass over the shards in a fixed order, yielding collated batches of this rank's share of samples.
+
+    Each batch is the training collator's output (``query``, ``num_turns``, ``keys``) plus ``order`` [b, 2]
+    (shard index, position in the shard) and ``targets`` (stored-order target texts per sample). The last item
+    of every worker is ``{"final": True, "stats": {...}}`` with its skip count.
+    """
+
+    def __init__(self, urls: Sequence[str], collator: PretrainCollator, image_policy: ImagePolicy,
+                 batch_size: int, rank: int = 0, world_size: int = 1) -> None:
+        cfg = StreamConfig(sources=[list(urls)], batch_size=batch_size, turns_per_sample=1,
+                           image_policy=image_policy, resampled=False, shuffle_buffer=0, train=False)
+        super().__init__(cfg, collator)  # the base class's own rank split is unused: every rank reads all
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.mine_rank, self.mine_world = rank, world_size
+
+    def decode(self, raw: dict[str, Any], epoch: int) -> PretrainSample:
+        key = raw["__key__"]
+        if "json" not in raw:
+            raise BadSampleError("missing member .json")
+        ext = next((e for e in IMAGE_EXTS if e in raw), None)
+        if ext is None:
+            raise BadSampleError(f"missing image member (one of {IMAGE_EXTS})")
+        record = M3TRecord.from_json(key, raw["json"])
+        queries, targets = canonical_turns(record)
+        return PretrainSample(key=key, image=load_image(raw[ext], self.cfg.image_policy), queries=queries,
+                              targets=targets)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        w, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        wid = f"mine-r{self.mine_rank}w{w}"
+        urls = self.cfg.sources[0]
+        buf: list[tuple[PretrainSample, int, int]] = []
+        for s in range(w, len(urls), nw):
+            for pos, raw in enumerate(self._read_tar(urls[s], wid)):
+                if (s + pos) % self.mine_world != self.mine_rank:
+                    continue
+                try:
+                    sample = self.decode(raw, 0)
+                except Exception as e:  # one bad sample costs that sample only
+                    self._skip(wid, urls[s], raw.get("__key__"), f"{type(e).__name__}: {e}")
+                    continue
+                self._failures = 0
+                buf.append((sample, s, pos))
+                if len(buf) == self.cfg.batch_size:
+                    yield from self._mine_batch(buf, wid)
+                    buf = []
+        if buf:
+            yield from self._mine_batch(buf, wid)
+        yield {"final": True, "stats": {"skipped": self.stats["skipped"], "samples": self.stats["samples"],
+                                        "worker": wid}}
+
+    def _mine_batch(self, buf: list[tuple[PretrainSample, int, int]], wid: str) -> Iterator[dict[str, Any]]:
+        try:
+            batch = self.collator([b[0] for b in buf])
+        except Exception:  # decode validated each sample; isolate the one the collator refuses
+            if len(buf) > 1:
+                for one in buf:
+                    yield from self._mine_batch([one], wid)
+                return
+            s, url = buf[0], self.cfg.sources[0][buf[0][1]]
+            self._skip(wid, url, s[0].key, "collation failed")
+            return
+        batch.pop("target", None)
+        batch.pop("target_text_id", None)
+        batch["order"] = torch.tensor([[s, pos] for _, s, pos in buf], dtype=torch.long)
+        batch["targets"] = [b[0].targets for b in buf]
+        self.stats["samples"] += len(buf)
+        yield batch
+
+
+@dataclass
+class QueryEmbeddings:
+    """This rank's samples: ``emb`` [n_turns, d] sample-major in stored turn order; per sample ``order``
+    [n, 2] (shard, position), ``keys``, ``targets`` (stored order) and ``num_turns`` [n]."""
+
+    emb: Tensor
+    order: Tensor
+    keys: list[str]
+    targets: list[list[str]]
+    num_turns: Tensor
+    skipped: int
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def embed_queries(encoder: MuCoEncoder, stream: MineStream, num_workers: int = 0, total: int | None = None,
+                  progress: bool = True) -> QueryEmbeddings:
+    """Pool every query turn of this rank's samples (inference mode, eval mode)."""
+    loader = DataLoader(stream, batch_size=None, num_workers=num_workers)
+    device, embedder = encoder.device, encoder.embedder.eval()
+    embs, orders, keys, targets, turns = [], [], [], [], []
+    skipped = 0
+    bar = tqdm(total=total, desc="mine: queries", unit="sample", disable=not progress, dynamic_ncols=True)
+    with torch.inference_mode(), _autocast(device, encoder.autocast_dtype), bar:
+        for batch in loader:
+            if batch.get("final"):
+                skipped += batch["stats"]["skipped"]
+                continue
+            inputs = {k: v.to(device) for k, v in batch["query"].items()}
+            pooled = embedder(inputs, expected=batch["num_turns"].to(device), keys=batch["keys"])
+            embs.append(pooled.emb.float().cpu())
+            orders.append(batch["order"])
+            keys += batch["keys"]
+            targets += batch["targets"]
+            turns.append(batch["num_turns"])
+            bar.update(len(batch["keys"]))
+    if not embs:
+        return QueryEmbeddings(torch.empty(0, encoder.dim), torch.empty(0, 2, dtype=torch.long), [], [],
+                               torch.empty(0, dtype=torch.long), skipped)
+    return QueryEmbeddings(torch.cat(embs), torch.cat(orders), keys, targets, torch.cat(turns), skipped)
+
+
+def embed_texts(encoder: MuCoEncoder, texts: Sequence[str], batch_size: int = 32,
+                progress: bool = True) -> Tensor:
+    """``BASE(t)`` embeddings [n, d] of target texts ``t`` as stored (fp32, normalised, CPU)."""
+    out = torch.empty(len(texts), encoder.dim)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)  # similar lengths per batch
+    block = batch_size * 16
+    with tqdm(total=len(texts), desc="mine: targets", unit="text", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for start in range(0, len(order), block):
+            idx = order[start : start + block]
+            out[torch.tensor(idx, dtype=torch.long)] = encoder.encode_user_texts(
+                [texts[i] for i in idx], [None] * len(idx), batch_size)
+            bar.update(len(idx))
+    return out

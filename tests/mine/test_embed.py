@@ -1,0 +1,76 @@
+"""Mining's shard reading and embedding: stored turn order and first candidates, the strided split, skips,
+and embeddings equal to the training path's."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from muco.data.collate import PretrainCollator, PretrainSample, SequenceEncoder
+from muco.data.image_policy import ImagePolicy
+from muco.data.shards import read_manifest
+from muco.data.stream import load_image
+from muco.data.templates import pretrain_template
+from muco.mine.embed import MineStream, embed_queries, embed_texts
+
+POLICY = ImagePolicy.preset("tiny")
+
+
+def _stream(tok, manifest, batch_size=5, rank=0, world=1) -> MineStream:
+    return MineStream(read_manifest(manifest).urls, PretrainCollator(tok, POLICY), POLICY, batch_size, rank, world)
+
+
+def test_stored_order_first_candidates_and_skips(tiny_tok, mine_shards, caplog):
+    manifest, records = mine_shards
+    with caplog.at_level(logging.WARNING, logger="muco.data"):
+        batches = list(_stream(tiny_tok, manifest))
+    final = batches.pop()
+    assert final["final"] and final["stats"]["skipped"] == 1
+    assert any("bad0001" in r.getMessage() and "train-000001.tar" in r.getMessage() for r in caplog.records)
+    keys = [k for b in batches for k in b["keys"]]
+    assert keys == [k for k, _ in records]  # shard order, then position
+    assert [t for b in batches for t in b["targets"]] == [[t["target"] for t in r["turns"]] for _, r in records]
+    assert batches[0]["order"].tolist()[:2] == [[0, 0], [0, 1]] and batches[0]["num_turns"].tolist() == [3] * 5
+    text = tiny_tok.decode(batches[0]["query"]["input_ids"][0])
+    at = [text.index(f"s0000 q{i} c0?") for i in range(3)]
+    assert at == sorted(at) and "c1?" not in text  # stored order, first candidate each turn
+
+
+def test_strided_split_covers_every_sample_once(tiny_tok, mine_shards):
+    manifest, records = mine_shards
+    shares = [[k for b in _stream(tiny_tok, manifest, 2, r, 2) if "keys" in b for k in b["keys"]] for r in (0, 1)]
+    assert sorted(shares[0] + shares[1]) == sorted(k for k, _ in records)
+    assert not set(shares[0]) & set(shares[1]) and abs(len(shares[0]) - len(shares[1])) <= 1
+    with pytest.raises(ValueError, match="outside world size"):
+        _stream(tiny_tok, manifest, 2, 2, 2)
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_ckpt):
+    from muco.encoder import load_encoder
+
+    return load_encoder(tiny_ckpt, image_policy="tiny")
+
+
+def test_embeddings_equal_the_training_path(encoder, mine_shards, jpegs_of_records):
+    manifest, records = mine_shards
+    q = embed_queries(encoder, _stream(encoder.tokenizer, manifest, batch_size=4), progress=False)
+    assert q.emb.shape == (len(records) * 3, 128) and q.skipped == 1 and q.keys == [k for k, _ in records]
+    q1 = embed_queries(encoder, _stream(encoder.tokenizer, manifest, batch_size=1), progress=False)
+    assert torch.allclose(q.emb, q1.emb, atol=1e-5)  # batching does not change an embedding
+    # sample 3 by hand: the training collator on its stored-order, first-candidate sequence
+    key, rec = records[3]
+    sample = PretrainSample(key, load_image(jpegs_of_records[3], POLICY), [t["queries"][0] for t in rec["turns"]],
+                            [t["target"] for t in rec["turns"]])
+    batch = PretrainCollator(encoder.tokenizer, POLICY)([sample])
+    with torch.no_grad():
+        want = encoder.embedder.eval()(batch["query"], expected=3).emb
+    assert torch.allclose(q.emb[9:12], want, atol=1e-5)
+    # targets: BASE(t) == PRETRAIN([t]), the first turn of a training target sequence
+    texts = [t["target"] for t in rec["turns"]]
+    inputs = SequenceEncoder(encoder.tokenizer, POLICY)([pretrain_template([t]) for t in texts], [None] * 3)
+    with torch.no_grad():
+        want = encoder.embedder(inputs, expected=1).emb
+    assert torch.allclose(embed_texts(encoder, texts, batch_size=2, progress=False), want, atol=1e-5)
