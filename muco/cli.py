@@ -14,6 +14,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "eval": ("muco.eval.cli", "run MMEB-format evaluation on a checkpoint or an exported model"),
     "export": ("muco.export", "merge the adapter and write a Hugging Face-format directory"),
     "mine": ("muco.mine.cli", "mine hard negatives for every query turn of a shard set (a sidecar for training)"),
+    "rounds": ("muco.rounds.cli", "train in rounds: fit -> eval -> mine negatives with that model -> next round"),
 }
 TRAINING = {
     "fit": "train: muco fit --config configs/<run>.yaml [--trainer.max_steps N ...]",

@@ -245,7 +245,9 @@ class M3TDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.make_dataset("train"), self.num_workers, train=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_config is None and self.collator is not None:
+            return []  # no data.val_shards: Lightning skips the validation loop
         ds = self.make_dataset("val")
         rank, world = ds.rank, ds.world_size
         urls = ds.cfg.sources[0]

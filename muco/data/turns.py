@@ -35,7 +35,7 @@ def _fields(turn: Any) -> tuple[Sequence[str], str]:
     return turn.queries, turn.target
 
 
-TURN_ORDERS = ("sample", "batch")
+TURN_ORDERS = ("sample", "batch", "stored")
 
 
 def draw_turns(

@@ -29,6 +29,8 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> L
     cls = getattr(importlib.import_module(module_name), cls_name)
     # LightningCLI adds `_class_path`/`_instantiator` bookkeeping to the saved hyper-parameters
     hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
+    for name in getattr(cls, "REBUILD_WITHOUT", ()):  # e.g. the init_from a run started from: not needed now
+        hparams.pop(name, None)
     module = cls(**hparams)
     missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
     if unexpected:

@@ -51,6 +51,8 @@ class FinetuneModule(MuCoModule):
         temperature_schedule: τ annealing over optimizer steps, as in :class:`MuCoModule`.
     """
 
+    REBUILD_WITHOUT: tuple[str, ...] = ()  # merge mode rebuilds its frozen base from init_from
+
     def __init__(
         self,
         tokenizer: str = "tiny",

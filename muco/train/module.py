@@ -13,6 +13,7 @@ from muco.model.backbone import BackboneConfig, build_backbone
 from muco.model.embedder import Embedder
 from muco.model.pooling import PooledEmbeddings
 from muco.model.tokenizer import SpecialTokenIds, build_tokenizer
+from muco.train.init_from import check_compatible, load_continue, read_checkpoint
 from muco.train.optim import OptimConfig, build_optimizer
 from muco.train.sharding import fully_shard_backbone
 
@@ -84,6 +85,9 @@ class MuCoModule(LightningModule):
         eval_image_policy: resolution preset for MMEB-format evaluation (in `fit` and of this checkpoint).
         val_tasks: an MMEB-format task list (YAML) run at the end of every validation epoch, logged under
             ``val/<task>/precision@1`` and ``val/overall``; ``val_task_limit`` queries per task.
+        init_from: a muco ``.ckpt`` whose trained weights this run starts from, with a fresh optimizer, schedule
+            and step count (``muco rounds`` starts round r from round r-1 this way); ``model.backbone`` must
+            describe the same model. Use ``--ckpt_path`` instead to resume an interrupted run.
 
     Batches with mined negatives (``data.negatives``: a ``negative`` entry of packed K-turn negative sequences)
     embed them with the same encoder and append them, gathered from all ranks, as extra columns of every query
@@ -91,6 +95,9 @@ class MuCoModule(LightningModule):
     ``train/neg_sim`` (mean cosine of each query row with its own turn's valid negatives) and
     ``train/neg_valid_frac``.
     """
+
+    # hyper-parameters a checkpoint does not need to be rebuilt (its own state dict holds every trained weight)
+    REBUILD_WITHOUT: tuple[str, ...] = ("init_from",)
 
     def __init__(
         self,
@@ -107,6 +114,7 @@ class MuCoModule(LightningModule):
         val_task_limit: int | None = 100,
         eval_batch_size: int = 32,
         temperature_schedule: dict | None = None,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -120,6 +128,10 @@ class MuCoModule(LightningModule):
         self.token_ids = SpecialTokenIds.from_tokenizer(self.tokenizer)
         self.embedder = Embedder(self.configure_backbone(), self.token_ids.emb)
         self.temperature = Temperature(temperature, learnable=learnable_temperature, schedule=schedule)
+        if init_from is not None:
+            ckpt = read_checkpoint(init_from)
+            check_compatible(ckpt, init_from, tokenizer, self.backbone_cfg)
+            load_continue(self, ckpt, init_from)
         self.symmetric_loss = symmetric_loss
         self.mask_same_text = mask_same_text
         self.save_frozen_weights = save_frozen_weights
