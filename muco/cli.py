@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -42,6 +43,18 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver("mul", lambda a, b: int(a) * int(b))
 
 
+def show_muco_logs() -> None:
+    """Print muco's INFO lines (data split per rank, mined negatives found, init_from) like Lightning's own;
+    leaves logging alone when the caller configured a handler already."""
+    log = logging.getLogger("muco")
+    if log.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[muco] %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
 def build_cli(argv: Sequence[str] | None, run: bool = True):
     """LightningCLI on `argv` (None: the process's own command line); `run=False` parses and instantiates
     without a subcommand, for callers that drive the trainer themselves (the demo)."""
@@ -59,6 +72,7 @@ def build_cli(argv: Sequence[str] | None, run: bool = True):
     # `omegaconf+` resolves ${...} after overrides are merged; absolute paths need this setting (STACK.md §8)
     jsonargparse.set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     register_resolvers()
+    show_muco_logs()
     return MuCoCLI(
         MuCoModule,
         LightningDataModule,

@@ -70,7 +70,8 @@ class StreamConfig:
     train: bool = True  # False: no shuffling, epoch fixed to 0, partial last batch kept
     # "sample": every sample draws its own turn order (METHOD.md §5, default); "batch": one random order
     # shared by all samples of a batch, so turn positions carry no sample identity (used by the demo, whose
-    # label-derived texts would otherwise let the model match query and target by turn order alone)
+    # label-derived texts would otherwise let the model match query and target by turn order alone); "stored":
+    # the record's stored order, never shuffled (the positional-bias ablation the paper's shuffling prevents)
     turn_order: str = "sample"
 
 

@@ -77,6 +77,12 @@ class BackboneConfig:
     gradient_checkpointing: bool = False
     seed: int = 0  # random-init seed, so every rank builds the same weights
 
+    def __post_init__(self) -> None:
+        # `--model.init_args.backbone.pretrained null` reaches a nested dataclass as the string "None" through
+        # LightningCLI's omegaconf+ mode; no Qwen2-VL directory is called that, so read it as "no weights"
+        if isinstance(self.pretrained, str) and self.pretrained.strip() in ("", "None", "null"):
+            object.__setattr__(self, "pretrained", None)
+
     @classmethod
     def coerce(cls, value: BackboneConfig | dict | None) -> BackboneConfig:
         """Accept the dict form that saved hyper-parameters come back as."""

@@ -225,6 +225,13 @@ def test_validation_reads_everything_once_with_partial_batches(make_shards):
     assert keys_of(dm.val_dataloader()) == keys_of(dm.val_dataloader())  # fixed order and turns
 
 
+def test_no_val_shards_means_no_validation_loop(make_shards):
+    train, _, _ = make_shards("train", n_shards=2, per_shard=4)
+    dm = M3TDataModule(train, val_shards=None, batch_size=4, num_workers=0, samples_per_epoch=8, **TINY)
+    dm.setup("fit")
+    assert dm.val_dataloader() == []  # Lightning then skips validation instead of failing mid-fit
+
+
 def _setup_error(**kw):
     dm = M3TDataModule(**{"batch_size": 2, "num_workers": 0, "samples_per_epoch": 8, **TINY, **kw})
     return dm.setup("fit")

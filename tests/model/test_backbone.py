@@ -94,3 +94,11 @@ def test_gradient_checkpointing_backward(tiny_tok, photos):
     out.emb.sum().backward()
     grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
     assert grads and all(g is not None for g in grads)
+
+
+@pytest.mark.parametrize("spelling", ["None", "null", ""])
+def test_pretrained_null_from_the_command_line_means_random_init(spelling):
+    # LightningCLI hands `--model.init_args.backbone.pretrained null` to the dataclass as the string "None"
+    assert BackboneConfig(pretrained=spelling, preset="tiny").pretrained is None
+    assert BackboneConfig.coerce({"pretrained": spelling}).pretrained is None
+    assert BackboneConfig(pretrained="/models/Qwen2-VL-2B").pretrained == "/models/Qwen2-VL-2B"
