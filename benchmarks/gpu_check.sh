@@ -10,7 +10,7 @@ mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python3}
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"  # the benchmarks import muco from the checkout
-STEPS=${STEPS:-40}
+STEPS=${STEPS:-20}
 
 section() { echo; echo "=== $* ($(date +%T))"; }
 
@@ -29,7 +29,7 @@ fit() {  # name, extra args...
   local name=$1; shift
   section "muco fit: 2B recipe, $name"
   # configs/m3t_2b.yaml's model and trainer with a random-init 2B (no weights on this machine)
-  timeout 200 $PY -m muco fit --config configs/tiny.yaml "$@" \
+  timeout 400 $PY -m muco fit --config configs/tiny.yaml "$@" \
     --model.init_args.tokenizer qwen-offline --model.init_args.backbone.preset 2b \
     --model.init_args.backbone.dtype bfloat16 --model.init_args.backbone.gradient_checkpointing true \
     --model.init_args.backbone.adapter "{kind: lora, r: 64, alpha: 64}" --model.init_args.optim.lr 5e-5 \
@@ -54,5 +54,5 @@ for tag in sorted(ea.Tags()["scalars"]):
 PY
 }
 fit single
-STEPS=${FSDP_STEPS:-15} fit fsdp --config configs/strategy/fsdp.yaml
+STEPS=${FSDP_STEPS:-10} fit fsdp --config configs/strategy/fsdp.yaml
 section "done"
