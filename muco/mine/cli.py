@@ -57,6 +57,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--image-policy", default="train",
                    help="`train`: the training data's policy recorded in the checkpoint (else `pretrain`); "
                         f"`model`: the model's own; or a preset: {', '.join(PRESETS)}")
+    p.add_argument("--turns-per-sequence", default="train",
+                   help="query turns per sequence: train (the checkpoint's data.turns_per_sample, else all), "
+                        "all, or a number")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--overwrite", action="store_true", help="mine again even if the output is complete")
     args = p.parse_args(argv)
@@ -76,16 +79,39 @@ def resolve_image_policy(model: str | os.PathLike, choice: str) -> str | None:
         return None
     if choice != "train":
         return choice
-    path = Path(model)
-    if path.is_file() and path.suffix == ".ckpt":
-        try:  # mmap: reads the small hyper-parameter dict without pulling the weights into memory
-            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        except Exception:  # an older or non-zip checkpoint; load_encoder reports real problems
-            ckpt = {}
-        hp = (ckpt.get("datamodule_hyper_parameters") if isinstance(ckpt, dict) else None) or {}
-        if isinstance(hp.get("image_policy"), str) and hp["image_policy"] in PRESETS:
-            return hp["image_policy"]
+    hp = _datamodule_hparams(model)
+    if isinstance(hp.get("image_policy"), str) and hp["image_policy"] in PRESETS:
+        return hp["image_policy"]
     return "pretrain"
+
+
+def resolve_turns_per_sequence(model: str | os.PathLike, choice: str) -> int | None:
+    """None (all of a record's turns in one sequence) or K."""
+    if choice == "all":
+        return None
+    if choice != "train":
+        try:
+            k = int(choice)
+        except ValueError:
+            k = 0
+        if k < 1:
+            raise SystemExit(f"muco mine: --turns-per-sequence must be train, all or a positive number, got {choice!r}")
+        return k
+    hp = _datamodule_hparams(model)
+    k = hp.get("turns_per_sample")
+    return k if isinstance(k, int) and k >= 1 else None
+
+
+def _datamodule_hparams(model: str | os.PathLike) -> dict:
+    path = Path(model)
+    if not (path.is_file() and path.suffix == ".ckpt"):
+        return {}
+    try:  # mmap: reads the small hyper-parameter dict without pulling the weights into memory
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # an older or non-zip checkpoint; load_encoder reports real problems
+        return {}
+    hp = ckpt.get("datamodule_hyper_parameters") if isinstance(ckpt, dict) else None
+    return hp if isinstance(hp, dict) else {}
 
 
 def _fingerprint(path: Path) -> list[int]:
@@ -93,13 +119,15 @@ def _fingerprint(path: Path) -> list[int]:
     return [sum(f.stat().st_size for f in files), max((f.stat().st_mtime_ns for f in files), default=0)]
 
 
-def settings(args: argparse.Namespace, urls: list[str], policy: str | None, autocast: str) -> dict:
+def settings(args: argparse.Namespace, urls: list[str], policy: str | None, autocast: str,
+             turns_per_sequence: int | None = None) -> dict:
     """What makes a finished sidecar reusable (batch sizes, chunks and process counts do not change it)."""
     model = Path(args.model).resolve()
     return {"model": str(model), "model_fingerprint": _fingerprint(model),
             "shards": [os.path.abspath(u) for u in urls], "top_k": args.top_k, "margin": _margin(args),
             "max_ratio": args.max_ratio, "extra": args.extra, "image_policy": policy or "model",
-            "autocast": autocast, "query_turns": "stored order, first candidate query"}
+            "autocast": autocast, "query_turns": "stored order, first candidate query",
+            "turns_per_sequence": turns_per_sequence or "all"}
 
 
 def _margin(args: argparse.Namespace) -> float | None:
@@ -134,10 +162,11 @@ def run(args: argparse.Namespace, urls: list[str], num_samples: int | None, poli
                            **kw)
     encoder.embedder.eval()
     if rank == 0:
-        log.info("model %s on %s (%d process(es)), image policy %s", args.model, device, size,
-                 encoder.image_policy)
+        log.info("model %s on %s (%d process(es)), image policy %s, query turns per sequence: %s", args.model,
+                 device, size, encoder.image_policy, wanted["turns_per_sequence"])
+    k = wanted["turns_per_sequence"]
     stream = MineStream(urls, PretrainCollator(encoder.tokenizer, encoder.image_policy), encoder.image_policy,
-                        args.batch_size, rank, size)
+                        args.batch_size, rank, size, None if k == "all" else k)
     total = None if num_samples is None else -(-num_samples // size)
     q = embed_queries(encoder, stream, args.num_workers, total, show)
 
@@ -217,7 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = _device(args)
     autocast = args.autocast or ("bfloat16" if device.type == "cuda" else "none")
     policy = resolve_image_policy(args.model, args.image_policy)
-    wanted = settings(args, shard_set.urls, policy, autocast)
+    wanted = settings(args, shard_set.urls, policy, autocast, resolve_turns_per_sequence(args.model,
+                                                                                          args.turns_per_sequence))
     out = Path(args.output)
     # decided before any process starts (and again, identically, by every rank the launcher starts)
     if not args.overwrite and is_complete(out, wanted):

@@ -3,7 +3,10 @@
 **Queries.** Each sample's query sequence is the K-turn pretraining sequence (``PRETRAIN`` template, the image in
 front of turn 1) built by the training collator, with the record's turns in their STORED order and, for every
 turn, its FIRST candidate query. Training draws a random order and a random candidate per epoch; mining fixes
-this one canonical choice so a sidecar is reproducible and its ``turn`` field is the stored turn index.
+this one canonical choice so a sidecar is reproducible and its ``turn`` field is the stored turn index. A run that
+trained with K < 7 turns per sequence is mined with its own K (``turns_per_sequence``): the stored turns are cut
+into consecutive sequences of K turns, each with the image in its first turn, so no turn sits at a position
+the model never trained.
 Images are decoded with the training stream's ``load_image`` under the training image policy.
 
 **Targets (the corpus).** Every unique target text once, with the single-turn template ``BASE(t)`` (text only,
@@ -51,13 +54,16 @@ class MineStream(M3TStream):
     """
 
     def __init__(self, urls: Sequence[str], collator: PretrainCollator, image_policy: ImagePolicy,
-                 batch_size: int, rank: int = 0, world_size: int = 1) -> None:
+                 batch_size: int, rank: int = 0, world_size: int = 1, turns_per_sequence: int | None = None) -> None:
         cfg = StreamConfig(sources=[list(urls)], batch_size=batch_size, turns_per_sample=1,
                            image_policy=image_policy, resampled=False, shuffle_buffer=0, train=False)
         super().__init__(cfg, collator)  # the base class's own rank split is unused: every rank reads all
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.mine_rank, self.mine_world = rank, world_size
+        if turns_per_sequence is not None and turns_per_sequence < 1:
+            raise ValueError(f"turns_per_sequence must be >= 1, got {turns_per_sequence}")
+        self.turns_per_sequence = turns_per_sequence
 
     def decode(self, raw: dict[str, Any], epoch: int) -> PretrainSample:
         key = raw["__key__"]
@@ -96,9 +102,15 @@ class MineStream(M3TStream):
         yield {"final": True, "stats": {"skipped": self.stats["skipped"], "samples": self.stats["samples"],
                                         "worker": wid}}
 
+    def _sequences(self, sample: PretrainSample) -> list[PretrainSample]:
+        """The sample's query sequences: all turns in one, or consecutive runs of ``turns_per_sequence``."""
+        k = self.turns_per_sequence or len(sample.queries)
+        return [PretrainSample(key=sample.key, image=sample.image, queries=sample.queries[i : i + k],
+                               targets=sample.targets[i : i + k]) for i in range(0, len(sample.queries), k)]
+
     def _mine_batch(self, buf: list[tuple[PretrainSample, int, int]], wid: str) -> Iterator[dict[str, Any]]:
         try:
-            batch = self.collator([b[0] for b in buf])
+            batch = self.collator([seq for b in buf for seq in self._sequences(b[0])])
         except Exception:  # decode validated each sample; isolate the one the collator refuses
             if len(buf) > 1:
                 for one in buf:
@@ -109,6 +121,11 @@ class MineStream(M3TStream):
             return
         batch.pop("target", None)
         batch.pop("target_text_id", None)
+        # sequences (what the embedder checks) vs samples (what mining records); sequences of one sample are
+        # consecutive, so the pooled rows are sample-major in stored turn order either way
+        batch["sequence_keys"], batch["sequence_turns"] = batch["keys"], batch["num_turns"]
+        batch["keys"] = [b[0].key for b in buf]
+        batch["num_turns"] = torch.tensor([len(b[0].queries) for b in buf], dtype=torch.long)
         batch["order"] = torch.tensor([[s, pos] for _, s, pos in buf], dtype=torch.long)
         batch["targets"] = [b[0].targets for b in buf]
         self.stats["samples"] += len(buf)
@@ -146,7 +163,7 @@ def embed_queries(encoder: MuCoEncoder, stream: MineStream, num_workers: int = 0
                 skipped += batch["stats"]["skipped"]
                 continue
             inputs = {k: v.to(device) for k, v in batch["query"].items()}
-            pooled = embedder(inputs, expected=batch["num_turns"].to(device), keys=batch["keys"])
+            pooled = embedder(inputs, expected=batch["sequence_turns"].to(device), keys=batch["sequence_keys"])
             embs.append(pooled.emb.float().cpu())
             orders.append(batch["order"])
             keys += batch["keys"]

@@ -74,3 +74,24 @@ def test_embeddings_equal_the_training_path(encoder, mine_shards, jpegs_of_recor
     with torch.no_grad():
         want = encoder.embedder(inputs, expected=1).emb
     assert torch.allclose(embed_texts(encoder, texts, batch_size=2, progress=False), want, atol=1e-5)
+
+
+def test_runs_of_k_turns_equal_the_training_sequences_of_k_turns(encoder, mine_shards, jpegs_of_records):
+    """A model trained with K=2 is mined with 2-turn sequences: turns (0, 1) and (2,), each with the image."""
+    manifest, records = mine_shards
+    stream = MineStream(read_manifest(manifest).urls, PretrainCollator(encoder.tokenizer, POLICY), POLICY, 4,
+                        turns_per_sequence=2)
+    q = embed_queries(encoder, stream, progress=False)
+    assert q.emb.shape == (len(records) * 3, 128) and q.num_turns.tolist() == [3] * len(records)
+    assert q.keys == [k for k, _ in records]
+    key, rec = records[3]
+    image = load_image(jpegs_of_records[3], POLICY)
+    qs, ts = [t["queries"][0] for t in rec["turns"]], [t["target"] for t in rec["turns"]]
+    batch = PretrainCollator(encoder.tokenizer, POLICY)([PretrainSample(key, image, qs[:2], ts[:2]),
+                                                         PretrainSample(key, image, qs[2:], ts[2:])])
+    with torch.no_grad():
+        want = encoder.embedder.eval()(batch["query"], expected=batch["num_turns"]).emb
+    assert torch.allclose(q.emb[9:12], want, atol=1e-5)
+    whole = embed_queries(encoder, _stream(encoder.tokenizer, manifest, batch_size=4), progress=False)
+    assert torch.allclose(q.emb[9:11], whole.emb[9:11], atol=1e-5)  # turns 1-2: the same prefix
+    assert not torch.allclose(q.emb[11], whole.emb[11], atol=1e-3)  # turn 3 now opens its own sequence
