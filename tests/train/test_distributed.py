@@ -79,3 +79,26 @@ def test_fsdp2_gradients_equal_single_process(muco_cli, tmp_path, two_shards, si
     fsdp = run_step(muco_cli, tmp_path, two_shards, "fsdp", 4, "--config", str(REPO / "configs/strategy/fsdp.yaml"),
                     "--trainer.devices=2")
     assert_same_grads(single_grads, fsdp)
+
+
+@pytest.fixture(scope="module")
+def sidecar_args(tmp_path_factory, demo_data) -> list[str]:
+    """Mined negatives for the 8 samples of `two_shards` (turn 6 of every sample and all of one sample missing)."""
+    import json
+
+    from tests.mined import neg_text, write_sidecar
+
+    keys = [json.loads(x)["key"] for x in (demo_data / "train.jsonl").read_text().splitlines()[:8]]
+    rows = {(k, t): [neg_text(k, t, r) for r in range(1, 4)] for k in keys[1:] for t in range(6)}
+    side = write_sidecar(tmp_path_factory.mktemp("sidecar") / "negatives", rows)
+    return [f"--data.init_args.negatives={{sidecar: {side}, band: [1, 3], per_turn: 1}}"]
+
+
+def test_ddp_with_mined_negatives_gradients_equal_single_process(muco_cli, tmp_path, two_shards, sidecar_args,
+                                                                single_grads):
+    """The packed negative sequences are gathered over ranks as extra columns of every query row."""
+    single = run_step(muco_cli, tmp_path, two_shards, "single_negs", 8, *sidecar_args)
+    assert any(not torch.allclose(single[n], single_grads[n], atol=1e-6) for n in single)  # the negatives count
+    ddp = run_step(muco_cli, tmp_path, two_shards, "ddp_negs", 4, "--trainer.devices=2", "--trainer.strategy=ddp",
+                   *sidecar_args)
+    assert_same_grads(single, ddp)
