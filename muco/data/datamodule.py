@@ -212,6 +212,12 @@ class M3TDataModule(LightningDataModule):
         except Exception as e:  # the stream will skip a bad record; setup only guards the configuration
             log.warning("could not read the first record of %s (%s); turn count not checked", url, e)
             return None
+        record = json.loads(first[1]) if first is not None else {}
+        if isinstance(record, dict) and "turns" not in record and {"query", "positive"} <= set(record):
+            raise ValueError(
+                f"{name}: {url} holds fine-tuning pairs ({first[0]!r} has query/positive, no turns), not M3T "
+                "records; train pairs with muco.data.pair_datamodule.PairDataModule and "
+                "muco.train.finetune_module.FinetuneModule (configs/finetune_2b.yaml)")
         if first is None or not isinstance(turns, list):
             log.warning("first record of %s has no turn list; turn count not checked", url)
             return None

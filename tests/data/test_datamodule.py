@@ -225,6 +225,18 @@ def test_validation_reads_everything_once_with_partial_batches(make_shards):
     assert keys_of(dm.val_dataloader()) == keys_of(dm.val_dataloader())  # fixed order and turns
 
 
+def test_pair_shards_given_to_the_m3t_datamodule_fail_early(tmp_path):
+    rec = {"query": {"text": "a cat?", "image": None, "caption": None},
+           "positive": {"text": "a cat.", "image": None, "caption": None}, "negatives": []}
+    data = json.dumps(rec).encode()
+    with tarfile.open(tmp_path / "pairs-000000.tar", "w") as tar:
+        info = tarfile.TarInfo("p0000.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(ValueError, match="holds fine-tuning pairs .*PairDataModule"):
+        _setup_error(train_shards=str(tmp_path / "pairs-000000.tar"))
+
+
 def test_no_val_shards_means_no_validation_loop(make_shards):
     train, _, _ = make_shards("train", n_shards=2, per_shard=4)
     dm = M3TDataModule(train, val_shards=None, batch_size=4, num_workers=0, samples_per_epoch=8, **TINY)
