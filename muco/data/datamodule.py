@@ -130,7 +130,7 @@ class M3TDataModule(LightningDataModule):
         if stage in (None, "fit"):
             self.train_config = self._train_config(policy, world)
             if self.negatives is not None and self.negative_sampler is None:
-                self.negative_sampler = self._load_negatives(self.negatives)
+                self.negative_sampler = load_negatives(self.negatives, self._train_samples)
         if self.val_shards is not None and stage in (None, "fit", "validate"):
             val = resolve_shards(self.val_shards)
             self.val_config = StreamConfig(
@@ -183,18 +183,6 @@ class M3TDataModule(LightningDataModule):
             turns_per_sample=self.turns_per_sample, image_policy=policy, weights=self.train_weights,
             expected_turns=expected, resampled=self.resampled, shuffle_buffer=self.shuffle_buffer,
             seed=self.seed, samples_per_epoch=per_epoch, train=True, turn_order=self.turn_order)
-
-    def _load_negatives(self, cfg: NegativesConfig) -> NegativeSampler:
-        sampler = load_negatives(cfg)
-        n, of = len(sampler), self._train_samples
-        share = f" of {of} ({100 * n / of:.1f}%)" if of else ""
-        lo, hi = cfg.band
-        log.info("mined negatives from %s: %d training samples%s have negatives in ranks %d-%d (%d sample turns); "
-                 "%d per turn", cfg.sidecar, n, share, lo, hi, sampler.num_turns(), cfg.per_turn)
-        if n == 0:
-            log.warning("no sample of %s has a negative in ranks %d-%d: every negative is masked; check "
-                        "data.negatives.band against the sidecar's top_k", cfg.sidecar, lo, hi)
-        return sampler
 
     def _specs(self) -> list:
         if self.train_weights is None:

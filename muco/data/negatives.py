@@ -230,9 +230,10 @@ class NegativeSampler:
         return draws
 
 
-def load_negatives(cfg: NegativesConfig) -> NegativeSampler:
+def load_negatives(cfg: NegativesConfig, train_samples: int | None = None) -> NegativeSampler:
     """Read ``cfg.sidecar`` once and keep its ``cfg.band``; a missing or malformed sidecar fails here, with
-    the path in the message, before any training step."""
+    the path in the message, before any training step. Logs how many samples (of ``train_samples``) have
+    negatives in the band."""
     path = Path(cfg.sidecar)
     if not (path / "manifest.json").is_file():
         what = "does not exist" if not path.exists() else "has no manifest.json"
@@ -246,4 +247,11 @@ def load_negatives(cfg: NegativesConfig) -> NegativeSampler:
     except Exception as e:  # any reader error: a malformed sidecar
         raise ValueError(f"data.negatives.sidecar={cfg.sidecar!r} is not a readable negatives sidecar "
                          f"({type(e).__name__}: {e})") from e
+    n, (lo, hi) = len(sampler), cfg.band
+    share = f" of {train_samples} ({100 * n / train_samples:.1f}%)" if train_samples else ""
+    log.info("mined negatives from %s: %d training samples%s have negatives in ranks %d-%d (%d sample turns); "
+             "%d per turn", cfg.sidecar, n, share, lo, hi, sampler.num_turns(), cfg.per_turn)
+    if n == 0:
+        log.warning("no sample of %s has a negative in ranks %d-%d: every negative is masked; check "
+                    "data.negatives.band against the sidecar's top_k", cfg.sidecar, lo, hi)
     return sampler

@@ -19,7 +19,6 @@ import logging
 import multiprocessing as mp
 import random
 import tarfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -35,6 +34,7 @@ from muco.data.collate import BadSampleError, PretrainCollator, PretrainSample
 from muco.data.image_policy import MAX_ASPECT, ImagePolicy
 from muco.data.negatives import NegativeSampler
 from muco.data.records import M3TRecord
+from muco.data.skip_log import SkipLog
 from muco.data.turns import apply_order, draw_turns_indexed, permute_turns, sample_rng, stable_seed
 
 log = logging.getLogger("muco.data")
@@ -85,44 +85,30 @@ def load_image(data: bytes, policy: ImagePolicy) -> Image.Image:
     return policy.prepare(im, draft=True)  # decodes here: a corrupt file fails inside the skip handler
 
 
+def record_and_image(raw: dict[str, Any]) -> tuple[M3TRecord, bytes]:
+    """A raw sample's validated record (types, empty strings, reserved tokens) and its undecoded image."""
+    ext = next((e for e in IMAGE_EXTS if e in raw), None)
+    if "json" not in raw or ext is None:
+        raise BadSampleError("missing member .json" if "json" not in raw else
+                             f"missing image member (one of {IMAGE_EXTS})")
+    return M3TRecord.from_json(raw["__key__"], raw["json"]), raw[ext]
+
+
 def decode_sample(raw: dict[str, Any], cfg: StreamConfig, epoch: int,
                   negatives: NegativeSampler | None = None) -> PretrainSample:
     """Raw tar members -> a validated sample with its turns (and, with a sampler, its mined negatives) drawn;
     raises on any problem."""
     key = raw["__key__"]
-    if "json" not in raw:
-        raise BadSampleError("missing member .json")
-    ext = next((e for e in IMAGE_EXTS if e in raw), None)
-    if ext is None:
-        raise BadSampleError(f"missing image member (one of {IMAGE_EXTS})")
-    record = M3TRecord.from_json(key, raw["json"])  # types, empty strings, reserved tokens
+    record, image_bytes = record_and_image(raw)
     n = len(record.turns)
     if (cfg.expected_turns is not None and n != cfg.expected_turns) or n < cfg.turns_per_sample:
         raise BadSampleError(f"has {n} turns, expected {cfg.expected_turns or cfg.turns_per_sample}")
-    image = load_image(raw[ext], cfg.image_policy)
+    image = load_image(image_bytes, cfg.image_policy)
     queries, targets, turns = draw_turns_indexed(record.turns, cfg.turns_per_sample,
                                                  sample_rng(cfg.seed, epoch, key), shuffle=cfg.turn_order == "sample")
     # the negatives' own RNG: the turn draws above do not change when negatives are on
     negs = None if negatives is None else negatives.draw_seeded(key, turns, cfg.seed, epoch)
     return PretrainSample(key=key, image=image, queries=queries, targets=targets, turns=turns, negatives=negs)
-
-
-class _SkipLog:
-    """Rate-limited warnings: the first few in full, then one per ``interval`` seconds with a count."""
-
-    def __init__(self, first: int = 5, interval: float = 30.0) -> None:
-        self.first, self.interval, self.n, self.suppressed, self.last = first, interval, 0, 0, 0.0
-
-    def __call__(self, worker: str, url: str, key: str | None, err: object, total: int) -> None:
-        self.n += 1
-        now = time.monotonic()
-        if self.n > self.first and now - self.last < self.interval:
-            self.suppressed += 1
-            return
-        more = f" ({self.suppressed} similar warnings suppressed)" if self.suppressed else ""
-        log.warning("skipped sample %r of shard %s: %s [worker %s, %d skipped so far]%s",
-                    key, url, err, worker, total, more)
-        self.last, self.suppressed = now, 0
 
 
 def _weighted_mix(streams: list[Iterator], weights: list[float], rng: random.Random,
@@ -152,7 +138,7 @@ class M3TStream(IterableDataset):
         spe = cfg.samples_per_epoch
         self.num_batches = None if spe is None else spe // (world_size * cfg.batch_size)  # same on every rank
         self.stats = {"skipped": 0, "samples": 0}  # per worker process; cumulative while it lives
-        self._skip_log = _SkipLog()
+        self._skip_log = SkipLog()
         self._failures = 0
         self._batch_no = 0
 

@@ -31,10 +31,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, get_worker_info
 from tqdm import tqdm
 
-from muco.data.collate import BadSampleError, PretrainCollator, PretrainSample
+from muco.data.collate import PretrainCollator, PretrainSample
 from muco.data.image_policy import ImagePolicy
 from muco.data.records import M3TRecord
-from muco.data.stream import IMAGE_EXTS, M3TStream, StreamConfig, load_image
+from muco.data.stream import M3TStream, StreamConfig, load_image, record_and_image
 from muco.encoder import MuCoEncoder
 
 log = logging.getLogger("muco.mine")
@@ -66,15 +66,9 @@ class MineStream(M3TStream):
         self.turns_per_sequence = turns_per_sequence
 
     def decode(self, raw: dict[str, Any], epoch: int) -> PretrainSample:
-        key = raw["__key__"]
-        if "json" not in raw:
-            raise BadSampleError("missing member .json")
-        ext = next((e for e in IMAGE_EXTS if e in raw), None)
-        if ext is None:
-            raise BadSampleError(f"missing image member (one of {IMAGE_EXTS})")
-        record = M3TRecord.from_json(key, raw["json"])
+        record, image = record_and_image(raw)
         queries, targets = canonical_turns(record)
-        return PretrainSample(key=key, image=load_image(raw[ext], self.cfg.image_policy), queries=queries,
+        return PretrainSample(key=record.key, image=load_image(image, self.cfg.image_policy), queries=queries,
                               targets=targets)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

@@ -191,11 +191,11 @@ def test_bad_samples_are_skipped_counted_and_logged(tmp_path, jpegs, rec_json, c
 
 
 def test_skip_log_is_rate_limited(caplog, monkeypatch):
-    from muco.data import stream
+    from muco.data import skip_log
 
     clock = [100.0]
-    monkeypatch.setattr(stream.time, "monotonic", lambda: clock[0])
-    skip = stream._SkipLog(first=2, interval=10.0)
+    monkeypatch.setattr(skip_log.time, "monotonic", lambda: clock[0])
+    skip = skip_log.SkipLog(first=2, interval=10.0)
     with caplog.at_level(logging.WARNING, logger="muco.data"):
         for i in range(6):
             skip("r0w0", "s.tar", f"k{i}", "bad", i + 1)
