@@ -6,6 +6,7 @@ A plain YAML file (read with ``yaml.safe_load``, never executed)::
     fit:
       config: [configs/demo.yaml]        # the `muco fit` config(s) every round trains with
       args: []                           # extra `muco fit` arguments for every round
+      launcher: []                       # command prefix for the fit, e.g. [srun, --ntasks-per-node=8]
     rounds:                              # round 1 learns from in-batch negatives only
       - {max_steps: 400}
       - {max_steps: 200, args: []}       # per-round `muco fit` arguments
@@ -80,6 +81,7 @@ class RoundsConfig:
     fit_configs: list[str]
     fit_args: list[str]
     rounds: list[RoundSpec]
+    fit_launcher: list[str] = field(default_factory=list)
     schedule: DifficultySchedule | None = None
     mine: MineSpec | None = None
     temperature: dict[str, Any] | None = None
@@ -99,7 +101,7 @@ class RoundsConfig:
         top = _mapping(raw, source, {"run_dir", "fit", "rounds", "negatives", "temperature", "eval"})
         if "run_dir" not in top:
             raise RoundsConfigError(f"{source}: set run_dir (where the rounds' checkpoints and results go)")
-        fit = _mapping(top.get("fit"), "fit", {"config", "args"})
+        fit = _mapping(top.get("fit"), "fit", {"config", "args", "launcher"})
         configs = _str_list(fit.get("config"), "fit.config")
         if not configs:
             raise RoundsConfigError(f"{source}: set fit.config to the `muco fit` config(s) the rounds train with")
@@ -136,8 +138,9 @@ class RoundsConfig:
         if temp is not None:
             round_temperatures(temp, len(rounds))  # validates
         ev = _mapping(top.get("eval"), "eval", {"tasks", "args"})
-        return cls(Path(top["run_dir"]), configs, _str_list(fit.get("args"), "fit.args"), rounds, schedule, mine,
-                   temp, ev.get("tasks"), _str_list(ev.get("args"), "eval.args"))
+        return cls(Path(top["run_dir"]), configs, _str_list(fit.get("args"), "fit.args"), rounds,
+                   _str_list(fit.get("launcher"), "fit.launcher"), schedule, mine, temp, ev.get("tasks"),
+                   _str_list(ev.get("args"), "eval.args"))
 
     def needs_mining_after(self, r: int) -> bool:
         """Whether round r+1 trains with negatives (then round r's model mines them)."""

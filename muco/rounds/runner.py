@@ -59,7 +59,8 @@ class RoundsRunner:
     # ---------------------------------------------------------------- commands
     def fit_command(self, r: int) -> list[str]:
         cfg, spec = self.cfg, self.cfg.rounds[r - 1]
-        cmd = [self.python, "-m", "muco", "fit"]
+        # multi-node runs start one process per GPU through the launcher (srun); single-node DDP needs none
+        cmd = [*cfg.fit_launcher, self.python, "-m", "muco", "fit"]
         for c in cfg.fit_configs:
             cmd += ["--config", c]
         cmd += [*cfg.fit_args, *spec.args, "--trainer.max_steps", str(spec.max_steps),

@@ -31,6 +31,24 @@ def test_rounds_file_gives_the_configured_schedule_per_round():
     assert cfg.fit_args == ["--trainer.enable_progress_bar", "false"]
 
 
+def test_fit_commands_carry_the_round_settings(tmp_path):
+    from muco.rounds.runner import RoundsRunner
+
+    fit = {**BASE["fit"], "launcher": ["srun", "-N2"]}
+    cfg = RoundsConfig.from_dict({**BASE, "run_dir": str(tmp_path), "fit": fit})
+    runner = RoundsRunner(cfg, python="python")
+    first, third = runner.fit_command(1), runner.fit_command(3)
+    assert first[:5] == ["srun", "-N2", "python", "-m", "muco"] and "--model.init_args.init_from" not in first
+    assert "--data.init_args.negatives" not in first
+    assert third[third.index("--model.init_args.init_from") + 1] == str(tmp_path / "round2/fit/checkpoints/last.ckpt")
+    negs = third[third.index("--data.init_args.negatives") + 1]
+    assert negs == '{"sidecar": "%s", "band": [5, 30], "per_turn": 2}' % (tmp_path / "round2" / "negatives")
+    assert third[third.index("--model.init_args.temperature") + 1] == "0.0275"  # cosine 0.05 -> 0.02, 2/3 of the way
+    last = runner.fit_command(4)
+    assert last[last.index("--model.init_args.temperature") + 1] == "0.02"
+    assert runner.mine_command(2)[runner.mine_command(2).index("--output") + 1] == str(tmp_path / "round2/negatives")
+
+
 def test_temperature_per_round():
     cos = round_temperatures({"mode": "cosine", "tau_start": 0.05, "tau_end": 0.02}, 3)
     assert cos == pytest.approx([0.05, 0.035, 0.02])
