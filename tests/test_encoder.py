@@ -9,21 +9,14 @@ from muco.data.collate import SequenceEncoder
 from muco.data.image_policy import ImagePolicy
 from muco.data.templates import IMG, base_template
 from muco.encoder import MuCoEncoder, load_encoder
-from muco.model.backbone import AdapterConfig, BackboneConfig, build_backbone
 from muco.model.embedder import Embedder
 from muco.model.tokenizer import SpecialTokenIds
+from tests.adapted import adapted_tiny_backbone
 
 
 @pytest.fixture(scope="module")
 def model(tiny_tok):
-    adapter = AdapterConfig(r=4, alpha=8, dropout=0.1)  # dropout: embed() must switch it off
-    m = build_backbone(BackboneConfig(preset="tiny", adapter=adapter), tiny_tok)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "lora_B" in name or "trainable_tokens_delta" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-    return m.eval()
+    return adapted_tiny_backbone(tiny_tok, seed=1, dropout=0.1)  # dropout: embed() must switch it off
 
 
 @pytest.fixture(scope="module")

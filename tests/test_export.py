@@ -13,6 +13,7 @@ from muco.encoder import MuCoEncoder
 from muco.export import export, main
 from muco.model.backbone import AdapterConfig, BackboneConfig, build_backbone
 from muco.model.tokenizer import SpecialTokenIds
+from tests.adapted import adapted_tiny_backbone
 
 TEXTS = ["a cat sitting on a mat", "what is in the picture?", None]
 
@@ -20,13 +21,7 @@ TEXTS = ["a cat sitting on a mat", "what is in the picture?", None]
 @pytest.fixture(scope="module")
 def adapted(tiny_tok):
     """Tiny Qwen2-VL + LoRA with non-zero B and changed <|emb|>/<|mask|> rows, so the merge matters."""
-    m = build_backbone(BackboneConfig(preset="tiny", adapter=AdapterConfig(r=4, alpha=8)), tiny_tok)
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "lora_B" in name or "trainable_tokens_delta" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-    return m.eval()
+    return adapted_tiny_backbone(tiny_tok, seed=2)
 
 
 @pytest.fixture(scope="module")

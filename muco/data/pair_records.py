@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from muco.data.records import IMAGE_MARKER, KEY_RE, RecordError
+from muco.data.records import IMAGE_MARKER, KEY_RE, RecordError, json_object
 from muco.data.templates import find_reserved
 
 PAIR_FIELDS = ("query", "positive", "negatives")
@@ -94,13 +94,7 @@ class PairRecord:
     @classmethod
     def from_json(cls, key: str, obj: Mapping[str, Any] | bytes | str, stored: bool = True) -> PairRecord:
         """Parse and validate a pair payload (dict, or its encoded text); ``stored``: as read from a shard."""
-        if isinstance(obj, (bytes, bytearray, str)):
-            try:
-                obj = json.loads(obj)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise RecordError(key, "json", f"is not valid JSON ({e})", "json") from None
-        if not isinstance(obj, Mapping):
-            raise RecordError(key, "json", f"must be an object, got {type(obj).__name__}", "json")
+        obj = json_object(key, obj)
         if "turns" in obj:
             raise RecordError(key, "json", "is an M3T pretraining record (has 'turns'), not a fine-tuning pair; "
                               "convert pairs with `muco data convert --kind pairs`", "kind")

@@ -114,13 +114,7 @@ class M3TRecord:
         expected_turns: int | None = None,
     ) -> M3TRecord:
         """Parse and validate a ``{key}.json`` payload (dict, or its encoded text)."""
-        if isinstance(obj, (bytes, bytearray, str)):
-            try:
-                obj = json.loads(obj)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise RecordError(key, "json", f"is not valid JSON ({e})", "json") from None
-        if not isinstance(obj, Mapping):
-            raise RecordError(key, "json", f"must be an object, got {type(obj).__name__}", "json")
+        obj = json_object(key, obj)
         unknown = sorted(set(obj) - set(JSON_FIELDS))
         if unknown:
             raise RecordError(key, "json", f"has unknown fields {unknown}; allowed: {list(JSON_FIELDS)}")
@@ -138,6 +132,18 @@ class M3TRecord:
             negatives = [_negative(key, i, n) for i, n in enumerate(negs)]
         rec = cls(key=key, image=image, turns=turns, caption=obj.get("caption"), negatives=negatives)
         return rec.validate(expected_turns)
+
+
+def json_object(key: str, obj: Mapping[str, Any] | bytes | str) -> Mapping[str, Any]:
+    """A record payload as a mapping: encoded JSON is parsed; anything else than an object is a RecordError."""
+    if isinstance(obj, (bytes, bytearray, str)):
+        try:
+            obj = json.loads(obj)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RecordError(key, "json", f"is not valid JSON ({e})", "json") from None
+    if not isinstance(obj, Mapping):
+        raise RecordError(key, "json", f"must be an object, got {type(obj).__name__}", "json")
+    return obj
 
 
 def strip_image_marker(text: str) -> str:
