@@ -151,14 +151,18 @@ def load_qwen2vl(cfg: BackboneConfig, tokenizer: PreTrainedTokenizerBase) -> Qwe
 
 def build_backbone(cfg: BackboneConfig, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
     """Qwen2VLModel with the vision tower frozen, optional adapter, optional gradient checkpointing."""
-    model = load_qwen2vl(cfg, tokenizer)
+    return prepare_for_training(load_qwen2vl(cfg, tokenizer), cfg, SpecialTokenIds.from_tokenizer(tokenizer))
+
+
+def prepare_for_training(model: Qwen2VLModel, cfg: BackboneConfig, ids: SpecialTokenIds) -> nn.Module:
+    """``cfg``'s vision freezing, gradient checkpointing and adapter on loaded (or merged) weights."""
     if cfg.freeze_vision:
         model.visual.requires_grad_(False)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     if cfg.adapter is not None:
-        model = apply_adapter(model, cfg.adapter, SpecialTokenIds.from_tokenizer(tokenizer))
+        model = apply_adapter(model, cfg.adapter, ids)
     return model
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from muco.model.backbone import BackboneConfig, apply_adapter, load_qwen2vl
+from muco.model.backbone import BackboneConfig, apply_adapter, load_qwen2vl, prepare_for_training
 from muco.model.tokenizer import SpecialTokenIds
 
 log = logging.getLogger(__name__)
@@ -114,12 +114,5 @@ def merged_backbone(ckpt: dict[str, Any], path: str | Path, cfg: BackboneConfig,
         model = model.merge_and_unload()  # LoRA/DoRA deltas and the trained token rows go into the base
     log.info("init_from=%s: merged the pretrained %s into the base; training a fresh adapter on top", path,
              pre.adapter.kind if pre.adapter else "full weights")
-    model.requires_grad_(True)
-    if cfg.freeze_vision:
-        model.visual.requires_grad_(False)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    if cfg.adapter is not None:
-        model = apply_adapter(model, cfg.adapter, ids)
-    return model
+    model.requires_grad_(True)  # merge_and_unload leaves the base frozen
+    return prepare_for_training(model, cfg, ids)
