@@ -35,7 +35,7 @@ fit() {  # name, extra args...
     --model.init_args.backbone.adapter "{kind: lora, r: 64, alpha: 64}" --model.init_args.optim.lr 5e-5 \
     --trainer.accelerator gpu --trainer.precision bf16-mixed --trainer.devices 1 --trainer.num_nodes 1 \
     --trainer.max_steps "$STEPS" --trainer.log_every_n_steps 5 --trainer.limit_val_batches 0 --trainer.enable_progress_bar false \
-    --trainer.logger.init_args.save_dir "$OUT_DIR" --trainer.logger.init_args.name "$name" \
+    --trainer.default_root_dir "$OUT_DIR/$name" \
     --data.init_args.image_policy pretrain --data.init_args.val_shards null \
     --data.init_args.samples_per_epoch 1500 --data.init_args.batch_size 32 --data.init_args.num_workers 6 \
     2>&1 | grep -v -i "warn" | tail -n 15
@@ -43,10 +43,10 @@ fit() {  # name, extra args...
 import sys
 from pathlib import Path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-runs = sorted(Path(sys.argv[1]).glob("version_*"))
-if not runs:
-    sys.exit("no run directory")
-ea = EventAccumulator(str(runs[-1])); ea.Reload()
+run = Path(sys.argv[1])
+if not any(run.glob("events.out.tfevents.*")):
+    sys.exit("no TensorBoard events in the run directory")
+ea = EventAccumulator(str(run)); ea.Reload()
 for tag in sorted(ea.Tags()["scalars"]):
     if tag.startswith(("perf/", "train/loss", "train/grad_norm")):
         v = ea.Scalars(tag)

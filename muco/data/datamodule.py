@@ -16,8 +16,11 @@ Mined negatives (``negatives``, see :mod:`muco.data.negatives`): training sample
 from a ``muco mine`` sidecar (rank band, negatives per turn); batches then carry packed negative sequences
 (:class:`~muco.data.collate.PretrainCollator`). Validation batches never do.
 
-Resume: ``state_dict`` holds the last data epoch and the samples seen; after ``load_state_dict`` the next
-iterator uses the *next* epoch's seeds instead of replaying batches (STACK.md §13).
+Resume: ``state_dict`` holds every rank's exact position (epoch, batches consumed, and per dataloader worker the
+raw samples read and batches delivered, as of the last batch training took); after ``load_state_dict`` the
+next iterator re-enters that epoch and every worker reads past what was trained, without decoding it, so the
+resumed run sees the uninterrupted run's batches in its order (same samples, turn draws and negatives). A
+resume on another world size or worker count re-splits the stream: it warns and starts the next epoch.
 """
 
 from __future__ import annotations
@@ -29,39 +32,37 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
 
 from muco.data.collate import PretrainCollator
 from muco.data.image_policy import ImagePolicy
 from muco.data.negatives import NegativeSampler, NegativesConfig, load_negatives
 from muco.data.shards import ShardSet, is_remote, peek_first_json, resolve_shards
-from muco.data.stream import M3TStream, SharedEpoch, StreamConfig
+from muco.data.stream import M3TStream, ResumePoint, SharedEpoch, StreamConfig
 from muco.data.turns import TURN_ORDERS
+from muco.distributed import gather_objects
 
 log = logging.getLogger("muco.data")
 
 
 class _EpochLoader(DataLoader):
-    """A DataLoader that announces each new iterator (epoch) and counts the batches it hands out."""
+    """A DataLoader that announces each new iterator (epoch) before its workers read the shared epoch.
 
-    def __init__(self, dataset: M3TStream, on_iter: Callable[[], None] | None = None,
-                 on_batch: Callable[[dict], None] | None = None, **kw: Any) -> None:
-        super().__init__(dataset, batch_size=None, **kw)
-        self._on_iter, self._on_batch = on_iter, on_batch
+    It carries its own ``torch.Generator``: creating an iterator draws the workers' base seed from it instead
+    of from the global RNG, so data loading never moves the random state that dropout uses (exact resume)."""
+
+    def __init__(self, dataset: M3TStream, on_iter: Callable[[], None] | None = None, seed: int = 0,
+                 **kw: Any) -> None:
+        super().__init__(dataset, batch_size=None, generator=torch.Generator().manual_seed(seed), **kw)
+        self._on_iter = on_iter
 
     def __iter__(self) -> Iterator[dict]:
         if self._on_iter is not None:
             self._on_iter()  # before the workers (re)create their iterators: they read the shared epoch
-        it = super().__iter__()
-        if self._on_batch is None:
-            return it
-        return self._counted(it)
-
-    def _counted(self, it: Iterator[dict]) -> Iterator[dict]:
-        for batch in it:
-            self._on_batch(batch)  # type: ignore[misc]
-            yield batch
+        return super().__iter__()
 
 
 class M3TDataModule(LightningDataModule):
@@ -79,7 +80,7 @@ class M3TDataModule(LightningDataModule):
         shuffle_buffer: int = 1000,
         samples_per_epoch: int | None = None,
         seed: int = 0,
-        tokenizer: str = "tiny",
+        tokenizer: str | None = None,
         image_policy: str = "tiny",
         persistent_workers: bool = True,
         prefetch_factor: int = 2,
@@ -90,9 +91,13 @@ class M3TDataModule(LightningDataModule):
         ``train_weights`` each list entry is one source, mixed per sample with those weights.
         ``batch_size`` is per device, in images; ``samples_per_epoch`` is global (all ranks).
         ``negatives``: mined hard negatives for training, ``{sidecar: <muco mine output dir>, band: [lo, hi],
-        per_turn: n}`` (ranks inclusive, 1 = hardest; default band [1, 10], one per turn); None: in-batch only."""
+        per_turn: n}`` (ranks inclusive, 1 = hardest; default band [1, 10], one per turn); None: in-batch only.
+        ``tokenizer``: None (default) uses the model's tokenizer (attached by the trainer, so one tokenizer serves
+        model and data); set it (``tiny`` | ``qwen-offline`` | a local directory) for use without a trainer."""
         super().__init__()
-        self.save_hyperparameters()  # stored in checkpoints, so a run's data config can be recovered
+        # stored in checkpoints, so a run's data config can be recovered; the tokenizer is the model's (Lightning
+        # refuses equal hparam keys with different values), recorded once resolved in setup
+        self.save_hyperparameters(ignore=["tokenizer"])
         self.train_shards, self.val_shards, self.train_weights = train_shards, val_shards, train_weights
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
         self.turns_per_sample, self.resampled = turns_per_sample, resampled
@@ -112,6 +117,11 @@ class M3TDataModule(LightningDataModule):
         self._data_epoch = -1  # last epoch handed to an iterator
         self._min_epoch = 0  # the next iterator's epoch is at least this (raised on resume)
         self.samples_seen = 0  # this rank's samples delivered to training
+        self._train_stream: M3TStream | None = None
+        self._resume: ResumePoint | None = None  # from a checkpoint, for the next training iterator
+        self._epoch_batches = 0  # training batches consumed in the current epoch (this rank)
+        self._positions: dict[int, dict[str, int]] = {}  # logical worker -> position of its last consumed batch
+        self._skipped_before = 0  # bad samples skipped in earlier epochs
 
     # -- setup: every check that can fail runs here, before the first step --------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -139,11 +149,27 @@ class M3TDataModule(LightningDataModule):
                 expected_turns=self._check_turns(val, "data.val_shards"), resampled=False, seed=self.seed,
                 train=False)
         if self.collator is None:
-            from muco.model.tokenizer import build_tokenizer
-
             # the stream brings images to the policy's final size; the collator's prepare keeps them as they are
-            self.collator = PretrainCollator(build_tokenizer(self.tokenizer), policy)
+            self.collator = PretrainCollator(self.build_tokenizer(), policy)
         log.info("M3T data on rank %d/%d: %s", rank, world, self.describe())
+
+    def build_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The attached model's tokenizer (``data.tokenizer`` unset or equal to ``model.tokenizer``), else
+        ``data.tokenizer`` built on its own (a DataModule used without a trainer)."""
+        from muco.model.tokenizer import build_tokenizer
+
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        spec = module.hparams.get("tokenizer") if module is not None else None
+        if spec is not None and self.tokenizer is not None and self.tokenizer != spec:
+            raise ValueError(f"data.tokenizer={self.tokenizer!r} differs from model.tokenizer={spec!r}; remove "
+                             "data.init_args.tokenizer: the data uses the model's tokenizer")
+        if spec is None and self.tokenizer is None:
+            raise ValueError("data.tokenizer is not set and no model with a tokenizer is attached; pass the "
+                             "DataModule to trainer.fit with a MuCoModule, or set data.tokenizer (tiny | "
+                             "qwen-offline | a local Qwen2-VL directory)")
+        self.tokenizer = self.hparams["tokenizer"] = spec or self.tokenizer  # checkpoints record the one used
+        own = getattr(module, "tokenizer", None)
+        return own if spec is not None and isinstance(own, PreTrainedTokenizerBase) else build_tokenizer(self.tokenizer)
 
     def _train_config(self, policy: ImagePolicy, world: int) -> StreamConfig:
         if self.train_weights is not None:
@@ -233,11 +259,12 @@ class M3TDataModule(LightningDataModule):
         if workers > 0:
             kw.update(persistent_workers=self.persistent_workers, prefetch_factor=self.prefetch_factor)
         if train:
-            return _EpochLoader(ds, on_iter=self._begin_epoch, on_batch=self._count, **kw)
-        return _EpochLoader(ds, **kw)
+            return _EpochLoader(ds, on_iter=self._begin_epoch, seed=self.seed, **kw)
+        return _EpochLoader(ds, seed=self.seed, **kw)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.make_dataset("train"), self.num_workers, train=True)
+        self._train_stream = self.make_dataset("train")
+        return self._loader(self._train_stream, self.num_workers, train=True)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_config is None and self.collator is not None:
@@ -252,23 +279,66 @@ class M3TDataModule(LightningDataModule):
     def _begin_epoch(self) -> None:
         trainer = self.trainer
         epoch = trainer.current_epoch if trainer is not None else self._data_epoch + 1
-        epoch = max(epoch, self._min_epoch)  # never reuse an epoch's seeds, e.g. after a resume
+        epoch = max(epoch, self._min_epoch)  # never reuse an epoch's seeds, e.g. after a re-split resume
         self._data_epoch, self._min_epoch = epoch, epoch + 1
         assert self._shared_epoch is not None  # created in setup()
         self._shared_epoch.set_value(epoch)
+        point, self._resume = self._resume, None
+        if point is not None and point.epoch != epoch:
+            point = None  # the checkpoint closed its epoch: the next one starts from its beginning
+        if self._train_stream is not None:
+            self._train_stream.resume = point  # pickled into the workers this iterator starts
+        if point is None:
+            self._skipped_before += self._skipped_this_epoch()  # the epoch that just ended
+        self._epoch_batches = 0 if point is None else point.batches
+        self._positions = {} if point is None else {w: p for w, p in enumerate(point.workers) if p is not None}
 
-    def _count(self, batch: dict) -> None:
-        self.samples_seen += len(batch["keys"])
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Record the data position of every training batch as training takes it (the loader itself runs
+        ahead of training by its prefetch), and the skip total so far for logging."""
+        stats = batch.get("stats") if isinstance(batch, dict) else None
+        if stats and stats.get("train") and "position" in stats:
+            self._positions[int(stats["worker_index"])] = dict(stats["position"])
+            self._epoch_batches += 1
+            self.samples_seen += len(batch["keys"])
+            stats["skipped_total"] = self._skipped_before + self._skipped_this_epoch()
+        return batch
+
+    def _skipped_this_epoch(self) -> int:
+        return sum(p["skipped"] for p in self._positions.values())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self._data_epoch, "samples_seen": self.samples_seen, "seed": self.seed}
+        """Every rank's data position (a collective: Lightning calls it on every rank when it saves)."""
+        workers = max(1, self.num_workers)
+        local = {"epoch": self._data_epoch, "batches": self._epoch_batches, "samples_seen": self.samples_seen,
+                 "skipped_before": self._skipped_before,
+                 "workers": [self._positions.get(w) for w in range(workers)]}
+        ranks = gather_objects(local)
+        return {"format": 2, "seed": self.seed, "num_workers": self.num_workers, "world_size": len(ranks),
+                "epoch": self._data_epoch, "samples_seen": sum(r["samples_seen"] for r in ranks), "ranks": ranks}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("seed", self.seed) != self.seed:
             log.warning("resuming with data seed %s, checkpoint used %s", self.seed, state_dict["seed"])
-        self._data_epoch = int(state_dict.get("epoch", -1))
-        self._min_epoch = self._data_epoch + 1  # resume with the next epoch's seed, not a replay
-        self.samples_seen = int(state_dict.get("samples_seen", 0))
+        rank, world = self.dist_info()
+        ranks = state_dict.get("ranks")
+        if ranks is not None and (len(ranks) != world or state_dict.get("num_workers") != self.num_workers):
+            log.warning(
+                "data: resuming on world_size=%d with num_workers=%d from a checkpoint of world_size=%d, "
+                "num_workers=%s: the stream is re-split, so training continues with the next epoch's data order "
+                "instead of the exact position (no exactness promised)", world, self.num_workers, len(ranks),
+                state_dict.get("num_workers"))
+            ranks = None
+        if ranks is None:  # an earlier checkpoint format, or a re-split: move on to the next epoch's seeds
+            self._data_epoch = int(state_dict.get("epoch", -1))
+            self._min_epoch = self._data_epoch + 1
+            self.samples_seen = int(state_dict.get("samples_seen", 0))
+            return
+        mine = ranks[rank]
+        self._data_epoch, self._min_epoch = int(mine["epoch"]) - 1, int(mine["epoch"])
+        self._resume = ResumePoint(epoch=int(mine["epoch"]), batches=int(mine["batches"]), workers=mine["workers"])
+        self.samples_seen = int(mine["samples_seen"])
+        self._skipped_before = int(mine.get("skipped_before", 0))
 
     # -- helpers ------------------------------------------------------------------------------------------
     def dist_info(self) -> tuple[int, int]:

@@ -32,7 +32,7 @@ class PairDataModule(M3TDataModule):
         shuffle_buffer: int = 1000,
         samples_per_epoch: int | None = None,
         seed: int = 0,
-        tokenizer: str = "tiny",
+        tokenizer: str | None = None,
         image_policy: str = "tiny",
         mask_ratio: float = 0.5,
         full_mask_prob: float = 0.5,
@@ -56,10 +56,8 @@ class PairDataModule(M3TDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.collator is None:
-            from muco.model.tokenizer import build_tokenizer
-
             # the stream brings images to the policy's final size; the collator's prepare keeps them as they are
-            self.collator = FinetuneCollator(build_tokenizer(self.tokenizer),  # type: ignore[assignment]
+            self.collator = FinetuneCollator(self.build_tokenizer(),  # type: ignore[assignment]
                                              ImagePolicy.preset(self.image_policy))
         super().setup(stage)
 

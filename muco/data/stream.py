@@ -4,12 +4,16 @@ Everything expensive (tar reading, JPEG decode, resize, tokenisation, patchifyin
 DataLoader workers; the loader is built with ``batch_size=None``. Rank and world size are given explicitly
 at construction (computed in the training process), so shard splitting is right whatever the worker start
 method (``split_by_node`` silently does not split in spawn/forkserver workers, STACK.md §9). Every random
-choice comes from a stable hash of (seed, epoch, rank, worker, ...) like open_clip, so epochs are reproducible
-and a resumed run can move on to the next epoch's seed instead of replaying (STACK.md §13).
+choice comes from a stable hash of (seed, epoch, rank, worker, ...) like open_clip, so epochs are reproducible.
+
+Exact resume: a worker's stream within an epoch is a pure function of (seed, epoch, rank, worker), so a
+:class:`ResumePoint` (each worker's raw samples read and batches delivered) lets a restarted worker read past
+the samples already trained, without decoding their images, and continue with the very next batch.
 
 Bad samples (corrupt image, missing member, bad JSON, wrong turn count, empty query, truncated tar) are
 skipped, counted per worker and reported with a rate-limited warning naming the shard and key; every batch
-carries ``batch["stats"] = {"skipped", "worker", "samples", "epoch"}`` so the training process can log them.
+carries ``batch["stats"]`` (worker, epoch, skips and samples of this worker in this epoch, and its
+:class:`WorkerPosition`) so the training process can log them and checkpoint the exact data position.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import multiprocessing as mp
 import random
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from itertools import islice
 from typing import Any
 
@@ -73,6 +77,29 @@ class StreamConfig:
     # label-derived texts would otherwise let the model match query and target by turn order alone); "stored":
     # the record's stored order, never shuffled (the positional-bias ablation the paper's shuffling prevents)
     turn_order: str = "sample"
+
+
+@dataclass
+class WorkerPosition:
+    """How far one (logical) worker got in the current epoch: raw samples read (decoded or skipped), bad
+    samples skipped, samples and batches delivered, batch draws made. A batch carries it as of its last sample,
+    so the DataModule knows the position of every batch training consumed."""
+
+    raw: int = 0
+    skipped: int = 0
+    samples: int = 0
+    batches: int = 0
+    batch_no: int = 0
+
+
+@dataclass
+class ResumePoint:
+    """Where one rank's stream resumes: an epoch, the batches the rank consumed in it and each logical worker's
+    position (index = worker)."""
+
+    epoch: int
+    batches: int
+    workers: list[dict[str, int]]
 
 
 def load_image(data: bytes, policy: ImagePolicy) -> Image.Image:
@@ -137,10 +164,10 @@ class M3TStream(IterableDataset):
         self.epoch = epoch
         spe = cfg.samples_per_epoch
         self.num_batches = None if spe is None else spe // (world_size * cfg.batch_size)  # same on every rank
-        self.stats = {"skipped": 0, "samples": 0}  # per worker process; cumulative while it lives
+        self.resume: ResumePoint | None = None  # set by the DataModule before the first iterator of a resume
+        self.position = WorkerPosition()  # of the epoch this worker is iterating
         self._skip_log = SkipLog()
         self._failures = 0
-        self._batch_no = 0
 
     def __len__(self) -> int:
         if self.num_batches is None:
@@ -149,13 +176,19 @@ class M3TStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        w, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        wid = f"r{self.rank}w{w}" if self.cfg.train else f"val-r{self.rank}w{w}"
+        lw, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch = self.epoch.get_value() if (self.epoch is not None and self.cfg.train) else 0
-        batches = self._batches(self._samples(epoch, w, nw, wid), epoch, wid)
+        point = self.resume if (self.cfg.train and self.resume is not None and self.resume.epoch == epoch) else None
+        # a resumed epoch continues the batch round-robin where it stopped: loader worker 0 takes the
+        # logical worker whose batch came next, so batches arrive in the uninterrupted run's order
+        w = lw if point is None else (lw + point.batches) % nw
+        done = point.workers[w] if point is not None and w < len(point.workers) else None
+        self.position = WorkerPosition() if done is None else WorkerPosition(**done)
+        wid = f"r{self.rank}w{w}" if self.cfg.train else f"val-r{self.rank}w{w}"
+        batches = self._batches(self._samples(epoch, w, nw, wid, self.position.raw), epoch, wid, w)
         if self.num_batches is not None:  # split over workers
             n = self.num_batches
-            batches = islice(batches, n // nw + (w < n % nw))
+            batches = islice(batches, max(0, n // nw + (w < n % nw) - self.position.batches))
         return batches
 
     # -- stages ------------------------------------------------------------------------------------------
@@ -221,7 +254,9 @@ class M3TStream(IterableDataset):
         if current is not None:  # complete as far as the tar goes; decoding checks its members
             yield current
 
-    def _samples(self, epoch: int, w: int, nw: int, wid: str) -> Iterator[PretrainSample]:
+    def _samples(self, epoch: int, w: int, nw: int, wid: str, consumed: int = 0) -> Iterator[PretrainSample]:
+        """Decoded samples; the first ``consumed`` raw samples (a resumed epoch's) are read past, not decoded.
+        Re-reading them replays the shard order, the shuffle buffer and the source mix exactly."""
         cfg = self.cfg
         streams = [self._source(s, epoch, w, nw, wid) for s in range(len(cfg.sources))]
         if len(streams) == 1:
@@ -229,7 +264,10 @@ class M3TStream(IterableDataset):
         else:
             rng = random.Random(stable_seed("mix", cfg.seed, epoch, self.rank, w))
             raw = _weighted_mix(streams, cfg.weights or [1.0] * len(streams), rng, self.num_batches is None)
+        for _ in islice(raw, consumed):
+            pass
         for sample in raw:
+            self.position.raw += 1
             try:
                 out = self.decode(sample, epoch)
             except Exception as e:  # the skip handler: any failure of one sample drops that sample only
@@ -242,22 +280,23 @@ class M3TStream(IterableDataset):
         """Raw tar members -> one collator input; raises on a bad sample (subclasses decode other kinds)."""
         return decode_sample(raw, self.cfg, epoch, self.negatives)
 
-    def _batches(self, samples: Iterator[PretrainSample], epoch: int, wid: str) -> Iterator[dict[str, Any]]:
+    def _batches(self, samples: Iterator[PretrainSample], epoch: int, wid: str,
+                 w: int = 0) -> Iterator[dict[str, Any]]:
         bs, buf = self.cfg.batch_size, []
         for s in samples:
             buf.append(s)
             if len(buf) == bs:
-                yield from self._collate(self._batch_order(buf, epoch, wid), epoch, wid)
+                yield from self._collate(self._batch_order(buf, epoch, wid), epoch, wid, w)
                 buf = []
         if buf and not self.cfg.train:  # drop_last for training only
-            yield from self._collate(buf, epoch, wid)
+            yield from self._collate(buf, epoch, wid, w)
 
     def _batch_order(self, buf: list[PretrainSample], epoch: int, wid: str) -> list[PretrainSample]:
         if self.cfg.turn_order != "batch":
             return buf
-        self._batch_no += 1
+        self.position.batch_no += 1
         k = self.cfg.turns_per_sample
-        order = random.Random(stable_seed("batch-order", self.cfg.seed, epoch, wid, self._batch_no)).sample(
+        order = random.Random(stable_seed("batch-order", self.cfg.seed, epoch, wid, self.position.batch_no)).sample(
             range(k), k)
         for s in buf:
             s.queries, s.targets = permute_turns(s.queries, s.targets, order)
@@ -267,22 +306,24 @@ class M3TStream(IterableDataset):
                 s.negatives = [apply_order(draw, order) for draw in s.negatives]
         return buf
 
-    def _collate(self, buf: list[PretrainSample], epoch: int, wid: str) -> Iterator[dict[str, Any]]:
+    def _collate(self, buf: list[PretrainSample], epoch: int, wid: str, w: int = 0) -> Iterator[dict[str, Any]]:
         try:
             batch = self.collator(buf)
         except Exception as e:  # decode_sample validated every sample; this is a last resort
             for s in buf:
                 self._skip(wid, "?", s.key, f"collation failed ({type(e).__name__}: {e})")
             return
-        self.stats["samples"] += len(buf)
-        batch["stats"] = {"skipped": self.stats["skipped"], "worker": wid, "samples": self.stats["samples"],
-                          "epoch": epoch}
+        pos = self.position
+        pos.samples += len(buf)
+        pos.batches += 1
+        batch["stats"] = {"worker": wid, "worker_index": w, "epoch": epoch, "train": self.cfg.train,
+                          "skipped": pos.skipped, "samples": pos.samples, "position": asdict(pos)}
         yield batch
 
     def _skip(self, wid: str, url: str, key: str | None, err: object) -> None:
-        self.stats["skipped"] += 1
+        self.position.skipped += 1
         self._failures += 1
-        self._skip_log(wid, url, key, err, self.stats["skipped"])
+        self._skip_log(wid, url, key, err, self.position.skipped)
         if self._failures >= MAX_CONSECUTIVE_FAILURES:  # fail loudly instead of spinning over bad data
             raise RuntimeError(f"worker {wid}: {self._failures} samples in a row failed; last: {key!r} of "
                                f"{url}: {err}")

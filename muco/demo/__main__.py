@@ -38,7 +38,7 @@ def results_table(before: dict[str, float], after: dict[str, float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from muco.cli import build_cli
+    from muco.cli import build_cli, resume_path
     from muco.eval.cli import main as eval_main
 
     extra = list(sys.argv[1:] if argv is None else argv)
@@ -53,10 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     print("[demo] evaluating the untrained model on the held-out digits ...", flush=True)
     before = evaluate_module(cli.model, tasks, policy)
 
+    run_dir = Path(cli.trainer.default_root_dir)
     print("[demo] training (muco fit --config configs/demo.yaml) ...", flush=True)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    ckpt = cli.trainer.checkpoint_callback.last_model_path
-    run_dir = Path(cli.trainer.log_dir)
+    # like `muco fit`: an interrupted demo continues from its run directory (rm -rf runs/demo to start over)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=resume_path(str(run_dir), None))
+    ckpt = cli.trainer.checkpoint_callback.last_model_path or str(run_dir / "checkpoints" / "last.ckpt")
 
     print(f"[demo] muco eval --model {ckpt} --tasks {tasks} ...", flush=True)
     out = run_dir / "eval"
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n" + results_table(before, after))
     print(f"\n[demo] done in {time.perf_counter() - t0:.0f} s. checkpoint: {ckpt}")
-    print(f"[demo] TensorBoard: tensorboard --logdir {run_dir.parent}   (train/, val/, perf/ curves)")
+    print(f"[demo] TensorBoard: tensorboard --logdir {run_dir}   (train/, val/, perf/ curves)")
     return 0
 
 

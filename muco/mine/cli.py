@@ -25,7 +25,8 @@ import torch
 
 from muco.data.image_policy import PRESETS
 from muco.data.shards import resolve_shards
-from muco.mine.dist import barrier, gather_objects, gather_rows, world
+from muco.distributed import gather_objects
+from muco.mine.dist import barrier, gather_rows, world
 from muco.mine.select import REASONS, SelectConfig, mine_negatives, normalized_ids
 from muco.mine.sidecar import MANIFEST, SidecarError, read_sidecar_manifest, write_sidecar
 from muco.mine.summary import summarize

@@ -5,8 +5,6 @@ All are the identity in a single process (torch.distributed not initialised).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -41,15 +39,6 @@ def gather_rows(x: Tensor) -> list[Tensor]:
     buf[: x.shape[0]] = x.to(buf.device)
     out = all_gather_no_grad(buf).cpu()
     return [out[r * pad : r * pad + n] for r, n in enumerate(counts)]
-
-
-def gather_objects(obj: Any) -> list[Any]:
-    """Every rank's picklable ``obj`` (texts, keys, counts), in rank order."""
-    if dist_world_size() == 1:
-        return [obj]
-    out: list[Any] = [None] * dist_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def barrier() -> None:

@@ -93,7 +93,7 @@ class MineStream(M3TStream):
                     buf = []
         if buf:
             yield from self._mine_batch(buf, wid)
-        yield {"final": True, "stats": {"skipped": self.stats["skipped"], "samples": self.stats["samples"],
+        yield {"final": True, "stats": {"skipped": self.position.skipped, "samples": self.position.samples,
                                         "worker": wid}}
 
     def _sequences(self, sample: PretrainSample) -> list[PretrainSample]:
@@ -122,7 +122,7 @@ class MineStream(M3TStream):
         batch["num_turns"] = torch.tensor([len(b[0].queries) for b in buf], dtype=torch.long)
         batch["order"] = torch.tensor([[s, pos] for _, s, pos in buf], dtype=torch.long)
         batch["targets"] = [b[0].targets for b in buf]
-        self.stats["samples"] += len(buf)
+        self.position.samples += len(buf)
         yield batch
 
 

@@ -2,16 +2,16 @@
 
 Layout under ``run_dir``::
 
-    round1/fit/                     TensorBoard logs, config.yaml, checkpoints/last.ckpt
+    round1/fit/                     the round's run directory: TensorBoard, config.yaml, checkpoints/last.ckpt
     round1/eval/                    `muco eval` results (summary.json)
     round1/negatives/               `muco mine` sidecar with round 1's model (used by round 2)
     round1/round.json               written when the round is finished: settings, phase times, results
     summary.json                    all finished rounds
 
 Every phase leaves a mark (``round.json``, ``phases.json``, the eval summary, the sidecar manifest), so a stopped
-run continues where it stopped: finished rounds and phases are skipped, and an interrupted fit resumes from its
-``last.ckpt`` (``--ckpt_path``). Phases run as subprocesses, so the printed commands are exactly what one would
-run by hand (or submit as jobs) for the same result.
+run continues where it stopped: finished rounds and phases are skipped, and an interrupted fit resumes from the
+newest checkpoint of its run directory (as every ``muco fit`` does). Phases run as subprocesses, so the printed
+commands are exactly what one would run by hand (or submit as jobs) for the same result.
 """
 
 from __future__ import annotations
@@ -64,8 +64,7 @@ class RoundsRunner:
         for c in cfg.fit_configs:
             cmd += ["--config", c]
         cmd += [*cfg.fit_args, *spec.args, "--trainer.max_steps", str(spec.max_steps),
-                "--trainer.logger.init_args.save_dir", str(cfg.run_dir),
-                "--trainer.logger.init_args.name", f"round{r}", "--trainer.logger.init_args.version", "fit"]
+                "--trainer.default_root_dir", str(self.round_dir(r) / "fit")]
         if r > 1:
             cmd += ["--model.init_args.init_from", str(self.last_ckpt(r - 1))]
         if self.tau is not None:
@@ -75,8 +74,6 @@ class RoundsRunner:
             (lo, hi), per_turn = stage
             cmd += ["--data.init_args.negatives",
                     json.dumps({"sidecar": str(self.sidecar(r - 1)), "band": [lo, hi], "per_turn": per_turn})]
-        if self.last_ckpt(r).is_file():  # an interrupted fit: resume it
-            cmd += ["--ckpt_path", str(self.last_ckpt(r))]
         return cmd
 
     def eval_command(self, r: int) -> list[str]:

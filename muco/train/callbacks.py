@@ -1,7 +1,9 @@
-"""Training callbacks: throughput and data-wait logging, gradient snapshots for equivalence checks."""
+"""Training callbacks: throughput and data-wait logging, per-step sample keys, gradient snapshots for
+equivalence checks."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -80,3 +82,20 @@ class GradientSnapshot(Callback):
         if trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(grads, self.path)
+
+
+class SampleKeyLog(Callback):
+    """Appends the sample keys of every training step to ``<run_dir>/<filename>`` (one JSON line per rank and
+    step: ``{"step", "rank", "keys"}``), to audit the data order, e.g. that a resumed run trains exactly the
+    samples the uninterrupted run would have. Each rank writes its own file (``.rank<r>`` before the suffix)."""
+
+    def __init__(self, filename: str = "sample_keys.jsonl") -> None:
+        self.filename = filename
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        path = Path(trainer.default_root_dir) / self.filename
+        path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
+        line = json.dumps({"step": trainer.global_step, "rank": trainer.global_rank, "keys": list(batch["keys"])})
+        with path.open("a", encoding="utf-8") as f:
+            f.write(line + "\n")

@@ -55,7 +55,7 @@ class FinetuneModule(MuCoModule):
 
     def __init__(
         self,
-        tokenizer: str = "tiny",
+        tokenizer: str | None = None,
         backbone: BackboneConfig | None = None,
         temperature: float = 0.02,
         learnable_temperature: bool = False,

@@ -16,6 +16,7 @@ preset), so the pretraining run's ``pretrained`` / ``preset`` / ``seed`` must ma
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,30 @@ def check_compatible(ckpt: dict[str, Any], path: str | Path, tokenizer: str, cfg
     if pre.pretrained is not None and Path(pre.pretrained).name != Path(cfg.pretrained).name:  # type: ignore[arg-type]
         log.warning("init_from=%s was pretrained on %s; fine-tuning uses %s", path, pre.pretrained, cfg.pretrained)
     return pre
+
+
+# settings that decide which weights a checkpoint holds and what the frozen rest is rebuilt from
+WEIGHT_SETTINGS = ("tokenizer", "backbone.pretrained", "backbone.preset", "backbone.seed", "backbone.freeze_vision",
+                   "backbone.adapter")
+
+
+def weight_settings(hparams: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`WEIGHT_SETTINGS` of a module's hyper-parameters, flattened (adapter fields one by one)."""
+    cfg = asdict(BackboneConfig.coerce(hparams.get("backbone")))
+    out: dict[str, Any] = {"tokenizer": hparams.get("tokenizer")}
+    for key in WEIGHT_SETTINGS[1:]:
+        value = cfg[key.split(".", 1)[1]]
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def resume_mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``"key: saved -> current"`` for every weight setting a resumed run would change (empty: compatible)."""
+    a, b = weight_settings(saved), weight_settings(current)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def backbone_weights(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ from muco.model.backbone import BackboneConfig, build_backbone
 from muco.model.embedder import Embedder
 from muco.model.pooling import PooledEmbeddings
 from muco.model.tokenizer import SpecialTokenIds, build_tokenizer
-from muco.train.init_from import check_compatible, load_continue, read_checkpoint
+from muco.train.init_from import check_compatible, load_continue, read_checkpoint, resume_mismatches
 from muco.train.optim import OptimConfig, build_optimizer
 from muco.train.sharding import fully_shard_backbone
 
@@ -49,6 +50,19 @@ def coerce_schedule(value: TemperatureSchedule | dict | None) -> TemperatureSche
         raise ValueError(f"model.temperature_schedule: {e}") from e
 
 
+def resolve_tokenizer(tokenizer: str | None, backbone: BackboneConfig) -> str:
+    """``model.tokenizer``, where None means the tokenizer of ``backbone.pretrained`` (``tiny`` without weights)."""
+    if tokenizer is not None:
+        return tokenizer
+    if backbone.pretrained is None:
+        return "tiny"
+    if not Path(backbone.pretrained).is_dir():
+        raise FileNotFoundError(
+            f"model.backbone.pretrained={backbone.pretrained} is not a directory (the tokenizer comes from it too); "
+            "download Qwen2-VL weights and set model.init_args.backbone.pretrained to their local directory")
+    return backbone.pretrained
+
+
 def own_turn_negative_sim(q: PooledEmbeddings, neg: PooledEmbeddings, num_turns: torch.Tensor,
                           valid: torch.Tensor, per_turn: int) -> torch.Tensor | None:
     """Mean cosine of each query row with the negatives of its own sample and turn (valid ones only); None
@@ -66,7 +80,8 @@ class MuCoModule(LightningModule):
     """Backbone + `<|emb|>` pooling + multi-turn InfoNCE with logit masking.
 
     Args:
-        tokenizer: ``tiny`` | ``qwen-offline`` | a local Qwen2-VL directory (shared with the DataModule).
+        tokenizer: ``tiny`` | ``qwen-offline`` | a local Qwen2-VL directory. None (default): the directory of
+            ``backbone.pretrained``, or ``tiny`` for a random-init preset. The DataModule uses this one.
         backbone: where the Qwen2-VL weights come from, adapter, checkpointing.
         temperature: τ of the InfoNCE (0.02, fixed, as in paper and released code).
         learnable_temperature: learn log τ instead (off by default).
@@ -101,7 +116,7 @@ class MuCoModule(LightningModule):
 
     def __init__(
         self,
-        tokenizer: str = "tiny",
+        tokenizer: str | None = None,
         backbone: BackboneConfig | None = None,
         temperature: float = 0.02,
         learnable_temperature: bool = False,
@@ -124,6 +139,8 @@ class MuCoModule(LightningModule):
                              "τ is either learned or annealed on a schedule; set one of them")
         self.backbone_cfg = BackboneConfig.coerce(backbone)
         self.optim_cfg = OptimConfig.coerce(optim)
+        tokenizer = resolve_tokenizer(tokenizer, self.backbone_cfg)
+        self.hparams["tokenizer"] = tokenizer  # checkpoints (and the DataModule) see the tokenizer actually used
         self.tokenizer = build_tokenizer(tokenizer)
         self.token_ids = SpecialTokenIds.from_tokenizer(self.tokenizer)
         self.embedder = Embedder(self.configure_backbone(), self.token_ids.emb)
@@ -140,7 +157,6 @@ class MuCoModule(LightningModule):
         self.eval_image_policy = eval_image_policy
         self.val_tasks, self.val_task_limit, self.eval_batch_size = val_tasks, val_task_limit, eval_batch_size
         self._sharded = False
-        self._skipped: dict[str, int] = {}
 
     # ---------------------------------------------------------------- model
     def configure_backbone(self) -> torch.nn.Module:
@@ -218,11 +234,8 @@ class MuCoModule(LightningModule):
 
     def _log_data_stats(self, batch: dict[str, Any]) -> None:
         stats = batch.get("stats")
-        if not stats:
-            return
-        # each worker reports its cumulative count; keep the latest per worker and log the sum
-        self._skipped[str(stats["worker"])] = int(stats["skipped"])
-        self.log("train/skipped_samples", float(sum(self._skipped.values())), batch_size=1)
+        if stats and "skipped_total" in stats:  # counted by the DataModule over the batches training took
+            self.log("train/skipped_samples", float(stats["skipped_total"]), batch_size=1)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.parameters() if p.grad is not None]
@@ -237,6 +250,15 @@ class MuCoModule(LightningModule):
         return build_optimizer(self, self.optim_cfg, max(1, total))
 
     # ---------------------------------------------------------- checkpoints
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # frozen weights are not in the checkpoint: they come from this run's backbone settings, which must
+        # therefore be the checkpoint's (a changed seed or base model would silently train a mixed model)
+        diff = resume_mismatches(checkpoint.get("hyper_parameters", {}), dict(self.hparams))
+        if diff:
+            raise ValueError(f"this checkpoint was trained with other weight settings than this run ({'; '.join(diff)}"
+                             "); resume with the checkpoint's settings, or start a new run directory "
+                             "(--trainer.default_root_dir) and use model.init_from to start from its weights")
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # lets `muco eval` / `muco export` rebuild the right module class from a checkpoint alone
         checkpoint["muco_module_class"] = f"{type(self).__module__}.{type(self).__qualname__}"

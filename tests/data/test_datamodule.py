@@ -34,7 +34,10 @@ def test_batches_are_model_inputs(make_shards):
     assert batch["num_turns"].tolist() == [4, 4, 4]
     assert set(batch["query"]) >= {"input_ids", "attention_mask", "pixel_values", "image_grid_thw"}
     assert "pixel_values" not in batch["target"]  # targets are text only
-    assert batch["stats"] == {"skipped": 0, "worker": "r0w0", "samples": 3, "epoch": 0}
+    stats = batch["stats"]
+    assert {k: stats[k] for k in ("skipped", "worker", "samples", "epoch", "train")} == {
+        "skipped": 0, "worker": "r0w0", "samples": 3, "epoch": 0, "train": True}
+    assert stats["position"] == {"raw": 3, "skipped": 0, "samples": 3, "batches": 1, "batch_no": 0}
     assert set(batch["keys"]) <= set(keys)
 
 
@@ -88,30 +91,89 @@ def test_resampled_every_rank_gets_the_same_number_of_batches(make_shards):
     assert per_rank[0] != per_rank[1]  # seeds differ per rank
 
 
-def test_epochs_reseed_and_resume_moves_on(make_shards):
+def consume(dm: M3TDataModule, loader) -> list[list[str]]:
+    """Iterate like training does: the DataModule's batch hook records each batch's data position."""
+    return [dm.on_before_batch_transfer(b, 0)["keys"] for b in loader]
+
+
+def test_epochs_reseed_and_a_resplit_resume_moves_on(make_shards, caplog):
     pattern, _, manifest = make_shards(n_shards=4, per_shard=4)
     kw = dict(batch_size=4, num_workers=1, samples_per_epoch=16, shuffle_buffer=16, **TINY)
     dm = M3TDataModule(str(manifest), **kw)
     dm.setup("fit")
     loader = dm.train_dataloader()  # persistent worker: the epoch reaches it through shared memory
-    epochs = [keys_of(loader) for _ in range(3)]
+    epochs = [[k for b in consume(dm, loader) for k in b] for _ in range(3)]
     assert [len(e) for e in epochs] == [16, 16, 16]
     assert epochs[0] != epochs[1] != epochs[2]
     state = dm.state_dict()
-    assert state == {"epoch": 2, "samples_seen": 48, "seed": 0}
+    assert (state["epoch"], state["samples_seen"], state["world_size"], state["num_workers"]) == (2, 48, 1, 1)
+    assert state["ranks"][0]["batches"] == 4
 
     again = M3TDataModule(str(manifest), **kw)  # same seed: the same stream, epoch by epoch
     again.setup("fit")
     assert keys_of(again.train_dataloader()) == epochs[0]
 
+    # a checkpoint of epoch 1 written with 2 workers: the stream is re-split, so it moves on to epoch 2
     resumed = M3TDataModule(str(manifest), **kw)
     resumed.setup("fit")
-    resumed.load_state_dict({"epoch": 1, "samples_seen": 32, "seed": 0})
+    one = {**state, "epoch": 1, "num_workers": 2, "ranks": [{**state["ranks"][0], "epoch": 1}]}
+    with caplog.at_level(logging.WARNING, logger="muco.data"):
+        resumed.load_state_dict(one)
+    assert "the stream is re-split" in caplog.text
     batches = list(resumed.train_dataloader())
     assert batches[0]["stats"]["epoch"] == 2  # the next epoch's seed, not a replay of epoch 1
     assert [k for b in batches for k in b["keys"]] == epochs[2]
-    assert resumed.state_dict()["samples_seen"] == 48
 
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_epoch_continues_with_the_next_batch(make_shards, workers):
+    """Resume mid-epoch from the state after k batches: the rest of the epoch, in the same order, with the same
+    turn draws; with 2 workers the round-robin continues at the worker whose batch came next."""
+    _, _, manifest = make_shards(n_shards=4, per_shard=4)
+    kw = dict(batch_size=2, num_workers=workers, samples_per_epoch=16, shuffle_buffer=8, turn_order="batch",
+              **TINY)
+    dm = M3TDataModule(str(manifest), **kw)
+    dm.setup("fit")
+    full = list(dm.train_dataloader())
+    assert len(full) == 8
+    for k in (3, 5):
+        dm = M3TDataModule(str(manifest), **kw)
+        dm.setup("fit")
+        it = iter(dm.train_dataloader())
+        for _ in range(k):
+            dm.on_before_batch_transfer(next(it), 0)
+        state = dm.state_dict()
+        resumed = M3TDataModule(str(manifest), **kw)
+        resumed.setup("fit")
+        resumed.load_state_dict(state)
+        rest = list(resumed.train_dataloader())
+        assert [b["keys"] for b in rest] == [b["keys"] for b in full[k:]]
+        for a, b in zip(rest, full[k:]):
+            assert torch.equal(a["target_text_id"], b["target_text_id"])  # the same turns, in the same order
+            assert torch.equal(a["query"]["input_ids"], b["query"]["input_ids"])
+
+
+
+def test_a_resume_reads_past_trained_samples_without_decoding_them(tmp_path, jpegs, rec_json, caplog):
+    """The 5 bad samples sit between good2 and good3: resumed after good3, they are read past (not decoded: no
+    new skip, no warning) and the skip count carries over."""
+    shards, good = _salted_shards(tmp_path, jpegs, rec_json)
+    kw = dict(batch_size=1, num_workers=0, resampled=False, shuffle_buffer=0, samples_per_epoch=14, **TINY)
+    dm = M3TDataModule(shards[:1], **kw)
+    dm.setup("fit")
+    it = iter(dm.train_dataloader())
+    taken = [dm.on_before_batch_transfer(next(it), 0)["keys"][0] for _ in range(4)]
+    assert taken == ["good0", "good1", "good2", "good3"]  # good3 came after the 5 bad samples
+    state = dm.state_dict()
+    assert state["ranks"][0]["workers"][0]["skipped"] == 5 and state["ranks"][0]["workers"][0]["raw"] == 9
+    resumed = M3TDataModule(shards[:1], **kw)
+    resumed.setup("fit")
+    resumed.load_state_dict(state)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="muco.data"):
+        batch = resumed.on_before_batch_transfer(next(iter(resumed.train_dataloader())), 0)
+    assert batch["keys"] == ["good4"] and caplog.records == []
+    assert batch["stats"]["skipped_total"] == 5
 
 def test_manifest_gives_the_epoch_length_and_weights_mix_sources(make_shards):
     a, _, man_a = make_shards("a", n_shards=2, per_shard=8)
@@ -179,7 +241,7 @@ def test_bad_samples_are_skipped_counted_and_logged(tmp_path, jpegs, rec_json, c
         batches = list(DataLoader(ds, batch_size=None, num_workers=0))
     assert sorted(k for b in batches for k in b["keys"]) == sorted(good)  # every good sample arrives
     # corrupt JPEG, missing json, 5 turns, empty query, bad JSON, truncated tar: each counted once
-    assert ds.stats == {"skipped": 6, "samples": 7}
+    assert (ds.position.skipped, ds.position.samples) == (6, 7)
     assert max(b["stats"]["skipped"] for b in batches) <= 6
     # warnings name shard and key; rate-limited: the first 5 in full, the 6th within 30 s suppressed
     bad = {"corrupt": 0, "nojson": 0, "fiveturns": 0, "emptyq": 0, "badjson": 0, "good7": 1}
@@ -318,7 +380,8 @@ def test_lightning_fit_epochs_checkpoint_and_resume(make_shards, tmp_path):
     ckpt = str(tmp_path / "last.ckpt")
     trainer.save_checkpoint(ckpt)
     state = torch.load(ckpt, weights_only=True)["M3TDataModule"]  # Lightning stores the DataModule's state
-    assert state == {"epoch": 1, "samples_seen": 12, "seed": 0}
+    assert (state["epoch"], state["samples_seen"], state["seed"]) == (1, 12, 0)
+    assert state["ranks"][0]["batches"] == 3  # the epoch was complete: a resume starts the next one
     resumed, _ = run(3, ckpt)
     assert resumed.seen == [(2, 2)] * 3
 

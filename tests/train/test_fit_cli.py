@@ -20,8 +20,9 @@ def test_fit_logs_metrics_and_loss_falls(muco_cli, demo_data, tmp_path):
     res = muco_cli("fit", "--config", CONFIG, *data_args(demo_data), "--trainer.max_steps=30",
                    "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    run = next((tmp_path / "runs" / "tiny").glob("version_*"))
+    run = tmp_path / "runs" / "tiny"  # the run directory: logs, config and checkpoints, no version_N
     assert (run / "config.yaml").exists(), "the resolved config is saved next to the logs"
+    assert (run / "checkpoints" / "last.ckpt").is_file() and not list(run.glob("version_*"))
     scalars = read_scalars(run)
     for key in ("train/loss", "train/lr", "train/temperature", "train/pos_sim", "train/hardest_neg_sim",
                 "train/masked_frac", "train/grad_norm", "train/skipped_samples", "perf/images_per_s",
@@ -38,25 +39,32 @@ def test_fit_logs_metrics_and_loss_falls(muco_cli, demo_data, tmp_path):
 
 def test_resume_continues_at_the_right_step_with_optimizer_state(muco_cli, demo_data, tmp_path):
     common = ["fit", "--config", CONFIG, *data_args(demo_data), "--trainer.enable_progress_bar=false",
-              "--data.init_args.batch_size=4"]
+              "--data.init_args.batch_size=4", "--trainer.log_every_n_steps=1"]
     first = muco_cli(*common, "--trainer.max_steps=10", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    ckpt_dir = next((tmp_path / "runs" / "tiny").glob("version_*/checkpoints"))
-    last = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
+    run = tmp_path / "runs" / "tiny"
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == 10
     adam_steps = {float(s["step"]) for s in last["optimizer_states"][0]["state"].values()}
     assert adam_steps == {10.0}
     assert any("DataModule" in k for k in last), f"no data-module state in {sorted(last)}"
 
-    second = muco_cli(*common, "--trainer.max_steps=15", f"--ckpt_path={ckpt_dir / 'last.ckpt'}", cwd=tmp_path)
+    # the README's resume command: the same command, here with a higher max_steps
+    second = muco_cli(*common, "--trainer.max_steps=15", "--ckpt_path=last", cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
-    run2 = sorted((tmp_path / "runs" / "tiny").glob("version_*"))[-1]
-    resumed = torch.load(run2 / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert "resuming from" in second.stderr and "last.ckpt" in second.stderr
+    resumed = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert resumed["global_step"] == 15
     # Adam's step counters went on from 10: the optimizer state was restored, not rebuilt
     assert {float(s["step"]) for s in resumed["optimizer_states"][0]["state"].values()} == {15.0}
-    steps = [s for s, _ in read_scalars(run2)["train/loss"]]
-    assert min(steps) >= 10
+    steps = sorted({s for s, _ in read_scalars(run)["train/loss"]})
+    assert steps == list(range(15)), "one TensorBoard directory holds both parts of the run"
+
+
+def test_ckpt_path_last_without_a_checkpoint_fails_early(muco_cli, demo_data, tmp_path):
+    res = muco_cli("fit", "--config", CONFIG, *data_args(demo_data), "--ckpt_path=last", cwd=tmp_path)
+    assert res.returncode != 0
+    assert "holds no checkpoint to resume" in res.stderr
 
 
 def test_config_typo_fails_with_jsonargparse_message(muco_cli, demo_data, tmp_path):

@@ -1,0 +1,1 @@
+"""Slurm submission of `muco fit` runs (`muco slurm submit`)."""
