@@ -19,7 +19,8 @@ the actual token counts, attention's quadratic term included:
 Phases (CPU execution is synchronous, so hook and call timings are exact): collate, vision forward (hooks on
 ``visual``), input embedding (hooks on the PEFT-wrapped ``embed_tokens``), LLM forward (hooks on
 ``language_model``, query + target), glue (the rest of the embedder forward: uint8 -> float pixels, M-RoPE
-index, image scatter, pooling), loss, backward (LLM only: the vision tower is frozen), optimizer step.
+index, image scatter, pooling), loss, backward (LLM only: the frozen vision tower stays out of autograd, with
+``--grad-ckpt`` too; the run checks that no vision output required grad), optimizer step.
 
 Timing defaults suit a shared 2-core machine: one intra-op thread and process CPU time (``--clock cpu``), so a
 step is not charged for the time other processes hold the cores; ``--threads 2 --clock wall`` on an idle machine.
@@ -32,6 +33,7 @@ The last line reads ``ratio=<measured pairs/s K=7 / K=1> flop_ratio=<pairs per F
     python benchmarks/bench_turns.py                               # cpu-2b-shape, 3 images/batch, ~1.5-2.5 min
     python benchmarks/bench_turns.py --preset tiny --images 8
     python benchmarks/bench_turns.py --short-side 320 --reps 2     # quick run (~170 visual tokens per image)
+    python benchmarks/bench_turns.py --grad-ckpt                   # as every recipe config trains
 """
 
 from __future__ import annotations
@@ -82,13 +84,16 @@ def default_lora_r(name: str) -> int:
 
 
 class PhaseClock:
-    """Accumulates time inside the ``visual``, input-embedding and ``language_model`` forwards (hooks)."""
+    """Accumulates time inside the ``visual``, input-embedding and ``language_model`` forwards (hooks), and
+    counts the vision forwards whose output is part of the autograd graph (0 for a frozen tower)."""
 
     def __init__(self, model: torch.nn.Module, now: Callable[[], float] = time.perf_counter) -> None:
         self.now = now
         self.spent: dict[str, float] = defaultdict(float)
         self._t0: dict[str, float] = {}
+        self.vision_calls = self.vision_in_graph = 0
         qwen = unwrap_qwen2vl(model)
+        qwen.visual.register_forward_hook(self._vision_output)
         # the input embedding (PEFT's trainable-token wrapper) runs outside `language_model`, which gets
         # `inputs_embeds` from `Qwen2VLModel.forward`
         for name, mod in (("vision", qwen.visual), ("embed", qwen.get_input_embeddings()),
@@ -107,6 +112,10 @@ class PhaseClock:
             self.spent[name] += self.now() - self._t0.pop(name)
 
         return hook
+
+    def _vision_output(self, _mod: torch.nn.Module, _args: object, out: object) -> None:
+        self.vision_calls += 1
+        self.vision_in_graph += bool(out.pooler_output.requires_grad or out.last_hidden_state.requires_grad)
 
     def take(self) -> dict[str, float]:
         out, self.spent = dict(self.spent), defaultdict(float)
@@ -213,7 +222,8 @@ def main(argv: list[str] | None = None) -> float:
                     help="override the policy's short side (e.g. 320 for a quick run); photos are cut to it")
     ap.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default: 2B's r=64 LoRA FLOP share)")
     ap.add_argument("--no-optim", action="store_true", help="skip the AdamW step")
-    ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (non-reentrant)")
+    ap.add_argument("--grad-ckpt", action="store_true",
+                    help="gradient checkpointing (non-reentrant), as in every recipe config")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward (loss stays fp32)")
     ap.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"))
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
@@ -360,6 +370,11 @@ def main(argv: list[str] | None = None) -> float:
     print("(vision: visual tower + merger forward; embed: input embedding incl. PEFT's trainable-token wrapper;\n"
           " llm: language_model forward, query + target; glue: rest of the forward (pixel normalisation, M-RoPE\n"
           " index, image scatter, pooling); backward: LLM only (the vision tower is frozen))")
+    frozen = not any(p.requires_grad for p in unwrap_qwen2vl(backbone).visual.parameters())
+    print(f"vision tower {'frozen' if frozen else 'trainable'}: {clock.vision_in_graph} of {clock.vision_calls} "
+          f"vision forwards in the autograd graph (grad_ckpt={args.grad_ckpt})")
+    if frozen and clock.vision_in_graph:
+        print("WARNING: the frozen vision tower ran backward: the backward time above includes it")
 
     # ---------------------------------------------------------------- analytic
     rows = [(f"{args.preset} (r={lora_r}) @ bench", arch, shapes[1], shapes[7])]

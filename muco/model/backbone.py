@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,15 +156,73 @@ def build_backbone(cfg: BackboneConfig, tokenizer: PreTrainedTokenizerBase) -> n
 
 
 def prepare_for_training(model: Qwen2VLModel, cfg: BackboneConfig, ids: SpecialTokenIds) -> nn.Module:
-    """``cfg``'s vision freezing, gradient checkpointing and adapter on loaded (or merged) weights."""
+    """``cfg``'s vision freezing, adapter and gradient checkpointing on loaded (or merged) weights.
+
+    A frozen vision tower stays out of autograd (``keep_frozen_vision_out_of_autograd``), checkpointed or not.
+    The adapter goes on before checkpointing, so PEFT adds no input-gradient hooks of its own.
+    """
     if cfg.freeze_vision:
         model.visual.requires_grad_(False)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    keep_frozen_vision_out_of_autograd(model)
     if cfg.adapter is not None:
         model = apply_adapter(model, cfg.adapter, ids)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(unwrap_qwen2vl(model))
     return model
+
+
+def _output_requires_grad(_module: nn.Module, _args: object, output: torch.Tensor) -> None:
+    if torch.is_grad_enabled():
+        output.requires_grad_(True)
+
+
+def enable_gradient_checkpointing(model: Qwen2VLModel) -> None:
+    """Non-reentrant checkpointing of every vision block and decoder layer; only the LLM's input embeddings
+    are made to require grad.
+
+    Checkpointed decoder layers need an input that requires grad even when the embedding table is frozen, so
+    transformers (``enable_input_require_grads``, called by ``gradient_checkpointing_enable`` and by PEFT) hooks
+    every input embedding of the model. That includes the vision tower's ``patch_embed``: a frozen tower then
+    enters autograd and is recomputed and backpropagated through on every step. Those hooks are replaced by one
+    on the language model's ``embed_tokens`` (PEFT's trainable-token wrapper, if any). A trainable tower needs no
+    hook: its own weights put it in the graph.
+    """
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.disable_input_require_grads()
+    # kept where transformers keeps its own, so `disable_input_require_grads` removes it too
+    model._require_grads_hooks = [model.language_model.get_input_embeddings().register_forward_hook(
+        _output_requires_grad)]
+
+
+# grad modes to restore after frozen vision forwards (grad mode is per thread)
+_grad_mode_stack = threading.local()
+
+
+def _frozen_vision_enter(module: nn.Module, _args: object) -> None:
+    stack = _grad_mode_stack.__dict__.setdefault("modes", [])
+    stack.append(torch.is_grad_enabled())
+    if stack[-1] and not any(p.requires_grad for p in module.parameters()):
+        torch.set_grad_enabled(False)
+
+
+def _frozen_vision_leave(_module: nn.Module, _args: object, _output: object) -> None:
+    torch.set_grad_enabled(_grad_mode_stack.modes.pop())
+
+
+def keep_frozen_vision_out_of_autograd(model: Qwen2VLModel) -> None:
+    """Run the vision tower (blocks and merger) without autograd while none of its weights requires grad.
+
+    Its output then enters the LLM's input embeddings as a constant, whatever hooks make tensors require grad
+    (``enable_input_require_grads``), and its checkpointed blocks run as plain forwards. Checked per call, so a
+    tower whose weights are unfrozen later trains as usual. Idempotent; the hooks are module-level functions,
+    so the model still pickles and deep-copies.
+    """
+    visual = model.visual
+    if _frozen_vision_enter in visual._forward_pre_hooks.values():
+        return
+    visual.register_forward_pre_hook(_frozen_vision_enter)
+    # `always_call`: the grad mode comes back when the forward raises, too
+    visual.register_forward_hook(_frozen_vision_leave, always_call=True)
 
 
 def apply_adapter(model: Qwen2VLModel, cfg: AdapterConfig, ids: SpecialTokenIds) -> nn.Module:
