@@ -149,7 +149,7 @@ TURN_TASKS = (("cls", (1, 3)), ("vqa_global", (4, 12)), ("vqa_global", (4, 12)),
 
 
 def m3t_record(seed: int, candidates: int = 2) -> dict:
-    """One M3T-like record (METHOD.md §2.3 layout): 7 turns in the released order plus the dense caption."""
+    """One M3T-like record (docs/method.md §2.3 layout): 7 turns in the released order plus the dense caption."""
     rng = random.Random(seed)
     caption = _caption(rng)
     turns = []

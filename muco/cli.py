@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -109,6 +110,7 @@ def build_cli(argv: Sequence[str] | None, run: bool = True):
     from muco.train.module import MuCoModule
     from muco.train.preemption import PreemptionCheckpoint
     from muco.train.rng_state import RNGState
+    from muco.train.run_dir import check_writable, resolve_resume
 
     class MuCoCLI(LightningCLI):
         """One tokenizer for model and data without an argument link: the DataModule takes the model's
@@ -118,6 +120,15 @@ def build_cli(argv: Sequence[str] | None, run: bool = True):
         TensorBoard logger writes there directly, checkpoints go to ``checkpoints/``, and ``fit`` resumes from
         the newest checkpoint found there. Checkpoints are written atomically, carry every rank's RNG and data
         position, and SIGUSR1 (SLURM preemption) saves one at a step boundary and requeues."""
+
+        def _parse_ckpt_path(self) -> None:
+            # LightningCLI would torch.load an explicit --ckpt_path here and replace the model's settings with
+            # the checkpoint's; muco keeps the command's settings (a resume refuses different weight settings,
+            # naming them) and only checks the path early; `before_fit` resolves it in the run directory
+            sub = self.config.get("subcommand")
+            ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+            if ckpt_path not in (None, "last", "hpc"):
+                resolve_resume(".", str(ckpt_path))
 
         def before_instantiate_classes(self) -> None:
             cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -137,12 +148,18 @@ def build_cli(argv: Sequence[str] | None, run: bool = True):
             return super().instantiate_trainer(plugins=plugins, **kwargs)
 
         def before_fit(self) -> None:
+            from lightning.pytorch.callbacks import ModelCheckpoint
+
             cfg = self.config_init[self.subcommand]
+            check_writable(self.trainer.default_root_dir, "the run directory")
+            for cb in self.trainer.checkpoint_callbacks:
+                if isinstance(cb, ModelCheckpoint) and cb.dirpath is not None:
+                    check_writable(cb.dirpath, "the checkpoint directory")
             cfg.ckpt_path = resume_path(self.trainer.default_root_dir, cfg.get("ckpt_path"))
 
     # the DataModule checkpoints its exact position itself; Lightning cannot see that and warns on every resume
     warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch")
-    # `omegaconf+` resolves ${...} after overrides are merged; absolute paths need this setting (STACK.md §8)
+    # `omegaconf+` resolves ${...} after overrides are merged; an absolute ${a.b} needs this (root has a `fit.` prefix)
     jsonargparse.set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     register_resolvers()
     show_muco_logs()
@@ -176,8 +193,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[0] not in TRAINING:
         print(f"muco: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    build_cli(None if from_process else argv)
+    try:
+        build_cli(None if from_process else argv)
+    except Exception as e:
+        if os.environ.get("MUCO_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"muco {argv[0]}: error: {user_message(e)}\n(MUCO_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
     return 0
+
+
+def user_message(exc: BaseException) -> str:
+    """The message a user needs from an exception chain: the outermost exception raised by muco's own code (a
+    config or data error with its fix, possibly wrapped by jsonargparse or Lightning, possibly wrapping a
+    library's error), else the outermost one."""
+    chain, seen = [], set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    package = os.path.dirname(os.path.abspath(__file__))
+
+    def raised_by_muco(err: BaseException) -> bool:
+        tb = err.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(package + os.sep)
+
+    ours = [err for err in chain if raised_by_muco(err)]
+    chosen = ours[0] if ours else chain[0]
+    text = " ".join(str(chosen).split()) or type(chosen).__name__
+    return text if ours else f"{type(chosen).__name__}: {text}"
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Inference API: ``MuCoEncoder`` turns texts and/or images into normalised fp32 embeddings.
 
-Every item is encoded with the single-turn template ``BASE(u)`` (METHOD.md §4) and pooled at its one
+Every item is encoded with the single-turn template ``BASE(u)`` (docs/method.md §4) and pooled at its one
 ``<|emb|>``: an image-bearing item reads ``u = IMG + "\\n" + text + "\\n"``, a text-only item
 ``text + "\\n"``, an image-only item ``IMG + "\\n"``.
 
@@ -22,7 +22,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from muco.data.collate import SequenceEncoder, check_user_text
-from muco.data.image_policy import ImagePolicy
+from muco.data.image_policy import ImagePolicy, to_rgb
 from muco.data.templates import EMB_TOKEN, IMG, base_template, single_turn_user_text
 from muco.model.backbone import unwrap_qwen2vl
 from muco.model.embedder import Embedder
@@ -67,7 +67,7 @@ def _open(image: ImageInput) -> Image.Image | None:
     if image is None or isinstance(image, Image.Image):
         return image
     with Image.open(image) as im:
-        return im.convert("RGB")
+        return to_rgb(im)
 
 
 class MuCoEncoder:

@@ -1,6 +1,6 @@
-"""The shipped run configs encode the paper's recipe (METHOD.md §11), and every one of them starts: the real
+"""The shipped run configs encode the paper's recipe (docs/method.md §11), and every one of them starts: the real
 CLI (a subprocess; CPU, gloo) trains each for 2 optimizer steps. Stand-ins: a tiny local Hugging Face-format
-Qwen2-VL directory with the real Qwen vocabulary for the released weights (STACK.md §5), the demo digit shards
+Qwen2-VL directory with the real Qwen vocabulary for the released weights, the demo digit shards
 for M3T and the demo pairs for MMEB-train. Overrides are only devices, accelerator, node count, steps, paths,
 batch size and workers (and no progress bar); precision stays the config's (bf16-mixed runs on CPU)."""
 

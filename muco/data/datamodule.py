@@ -40,8 +40,10 @@ from transformers import PreTrainedTokenizerBase
 from muco.data.collate import PretrainCollator
 from muco.data.image_policy import ImagePolicy
 from muco.data.negatives import NegativeSampler, NegativesConfig, load_negatives
+from muco.data.records import MAX_SEQUENCE_CHARS, MAX_TEXT_CHARS
 from muco.data.shards import ShardSet, is_remote, peek_first_json, resolve_shards
-from muco.data.stream import M3TStream, ResumePoint, SharedEpoch, StreamConfig
+from muco.data.skip_log import SKIP_FILE
+from muco.data.stream import M3TStream, ResumePoint, SharedCounts, SharedEpoch, StreamConfig
 from muco.data.turns import TURN_ORDERS
 from muco.distributed import gather_objects
 
@@ -75,6 +77,9 @@ class M3TDataModule(LightningDataModule):
         val_batch_size: int | None = None,
         num_workers: int = 2,
         turns_per_sample: int = 7,
+        turns_per_record: int | None = None,
+        max_text_chars: int = MAX_TEXT_CHARS,
+        max_sequence_chars: int = MAX_SEQUENCE_CHARS,
         turn_order: str = "sample",
         resampled: bool = True,
         shuffle_buffer: int = 1000,
@@ -93,14 +98,19 @@ class M3TDataModule(LightningDataModule):
         ``negatives``: mined hard negatives for training, ``{sidecar: <muco mine output dir>, band: [lo, hi],
         per_turn: n}`` (ranks inclusive, 1 = hardest; default band [1, 10], one per turn); None: in-batch only.
         ``tokenizer``: None (default) uses the model's tokenizer (attached by the trainer, so one tokenizer serves
-        model and data); set it (``tiny`` | ``qwen-offline`` | a local directory) for use without a trainer."""
+        model and data); set it (``tiny`` | ``qwen-offline`` | a local directory) for use without a trainer.
+        ``turns_per_record``: the turn count of every record (others are skipped, counted); default: the
+        manifest's ``turns``; without either, records need only ``turns_per_sample`` turns.
+        ``max_text_chars`` / ``max_sequence_chars``: samples whose drawn texts exceed them (one text; the texts
+        of the query or the target sequence) are skipped and counted, bounding step time and memory (0: none)."""
         super().__init__()
         # stored in checkpoints, so a run's data config can be recovered; the tokenizer is the model's (Lightning
         # refuses equal hparam keys with different values), recorded once resolved in setup
         self.save_hyperparameters(ignore=["tokenizer"])
         self.train_shards, self.val_shards, self.train_weights = train_shards, val_shards, train_weights
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
-        self.turns_per_sample, self.resampled = turns_per_sample, resampled
+        self.turns_per_sample, self.turns_per_record, self.resampled = turns_per_sample, turns_per_record, resampled
+        self.max_text_chars, self.max_sequence_chars = max_text_chars, max_sequence_chars
         self.turn_order = turn_order
         self.shuffle_buffer = shuffle_buffer
         self.samples_per_epoch, self.seed = samples_per_epoch, seed
@@ -122,6 +132,7 @@ class M3TDataModule(LightningDataModule):
         self._epoch_batches = 0  # training batches consumed in the current epoch (this rank)
         self._positions: dict[int, dict[str, int]] = {}  # logical worker -> position of its last consumed batch
         self._skipped_before = 0  # bad samples skipped in earlier epochs
+        self._skip_counts: SharedCounts | None = None  # every worker's skips of this epoch, as they happen
 
     # -- setup: every check that can fail runs here, before the first step --------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -137,8 +148,17 @@ class M3TDataModule(LightningDataModule):
         policy = ImagePolicy.preset(self.image_policy)
         if self._shared_epoch is None:
             self._shared_epoch = SharedEpoch(max(0, self._data_epoch))
+            self._skip_counts = SharedCounts(max(1, self.num_workers))
+        skip_file = None
+        run_dir = getattr(self.trainer, "default_root_dir", None)
+        if run_dir is not None:  # every skipped sample, with shard, key and reason, in the run directory
+            os.makedirs(run_dir, exist_ok=True)
+            skip_file = os.path.join(run_dir, SKIP_FILE)
         if stage in (None, "fit"):
             self.train_config = self._train_config(policy, world)
+            self.train_config.skip_file = skip_file
+            self.train_config.max_text_chars = self.max_text_chars
+            self.train_config.max_sequence_chars = self.max_sequence_chars
             if self.negatives is not None and self.negative_sampler is None:
                 self.negative_sampler = load_negatives(self.negatives, self._train_samples)
         if self.val_shards is not None and stage in (None, "fit", "validate"):
@@ -147,7 +167,8 @@ class M3TDataModule(LightningDataModule):
                 sources=[val.urls], batch_size=self.val_batch_size or self.batch_size,
                 turns_per_sample=self.turns_per_sample, image_policy=policy,
                 expected_turns=self._check_turns(val, "data.val_shards"), resampled=False, seed=self.seed,
-                train=False)
+                train=False, skip_file=skip_file, max_text_chars=self.max_text_chars,
+                max_sequence_chars=self.max_sequence_chars)
         if self.collator is None:
             # the stream brings images to the policy's final size; the collator's prepare keeps them as they are
             self.collator = PretrainCollator(self.build_tokenizer(), policy)
@@ -185,6 +206,9 @@ class M3TDataModule(LightningDataModule):
         expected = self._check_turns(sets[0], "data.train_shards")
         counts = [s.num_samples for s in sets]
         self._train_samples = sum(counts) if all(c is not None for c in counts) else None  # type: ignore[arg-type]
+        if self._train_samples == 0:
+            raise ValueError(f"data.train_shards: the manifests list 0 samples ({self._specs()}); the conversion "
+                             "wrote nothing or is unfinished: re-run `muco data convert`")
         per_epoch = self.samples_per_epoch
         if per_epoch is None and all(c is not None for c in counts):
             per_epoch = sum(counts)  # type: ignore[arg-type]  # one epoch ~ one pass (manifest counts)
@@ -216,30 +240,36 @@ class M3TDataModule(LightningDataModule):
         return [self.train_shards] if isinstance(self.train_shards, str) else list(self.train_shards)
 
     def _check_turns(self, shards: ShardSet, name: str) -> int | None:
-        """Turn count of the first record of the first shard (None for remote shards); fails if too few."""
+        """The turn count every record of this source must have (a record with another is skipped): the
+        ``data.turns_per_record`` setting, else the manifest's ``turns``; None without either (records then need
+        only ``turns_per_sample`` turns). Also refuses fine-tuning pair shards, by their first record."""
+        self._check_kind(shards, name)
+        stated = self.turns_per_record
+        if stated is not None and shards.turns is not None and stated != shards.turns:
+            raise ValueError(f"data.turns_per_record={stated} but the manifest of {name} says its records have "
+                             f"{shards.turns} turns; drop data.turns_per_record or point {name} at the right shards")
+        turns = stated if stated is not None else shards.turns
+        if turns is not None and self.turns_per_sample > turns:
+            raise ValueError(f"data.turns_per_sample={self.turns_per_sample} but the records of {name} have {turns} "
+                             f"turns; set data.turns_per_sample <= {turns}")
+        return turns
+
+    def _check_kind(self, shards: ShardSet, name: str) -> None:
         url = shards.urls[0]
         if is_remote(url):
-            return None
+            return
         try:
             first = peek_first_json(url)
-            turns = None if first is None else json.loads(first[1]).get("turns")
+            record = None if first is None else json.loads(first[1])
         except Exception as e:  # the stream will skip a bad record; setup only guards the configuration
-            log.warning("could not read the first record of %s (%s); turn count not checked", url, e)
-            return None
-        record = json.loads(first[1]) if first is not None else {}
-        if isinstance(record, dict) and "turns" not in record and {"query", "positive"} <= set(record):
+            log.warning("could not read the first record of %s (%s); record kind not checked", url, e)
+            return
+        if first is not None and isinstance(record, dict) and "turns" not in record and {"query", "positive"} <= set(
+                record):
             raise ValueError(
                 f"{name}: {url} holds fine-tuning pairs ({first[0]!r} has query/positive, no turns), not M3T "
                 "records; train pairs with muco.data.pair_datamodule.PairDataModule and "
                 "muco.train.finetune_module.FinetuneModule (configs/finetune_2b.yaml)")
-        if first is None or not isinstance(turns, list):
-            log.warning("first record of %s has no turn list; turn count not checked", url)
-            return None
-        if self.turns_per_sample > len(turns):
-            raise ValueError(
-                f"data.turns_per_sample={self.turns_per_sample} but the first record ({first[0]!r} in {url}, "
-                f"{name}) has only {len(turns)} turns; set data.turns_per_sample <= {len(turns)}")
-        return len(turns)
 
     # -- loaders ------------------------------------------------------------------------------------------
     def make_dataset(self, split: str = "train", rank: int | None = None,
@@ -252,7 +282,10 @@ class M3TDataModule(LightningDataModule):
             rank, world_size = self.dist_info()
         epoch = self._shared_epoch if split == "train" else None
         negatives = self.negative_sampler if split == "train" else None
-        return M3TStream(cfg, self.collator, rank, world_size, epoch, negatives)
+        stream = M3TStream(cfg, self.collator, rank, world_size, epoch, negatives)
+        if split == "train":
+            stream.skip_counts = self._skip_counts
+        return stream
 
     def _loader(self, ds: M3TStream, workers: int, train: bool) -> DataLoader:
         kw: dict[str, Any] = {"num_workers": workers, "pin_memory": self.pin_memory}
@@ -290,6 +323,8 @@ class M3TDataModule(LightningDataModule):
             self._train_stream.resume = point  # pickled into the workers this iterator starts
         if point is None:
             self._skipped_before += self._skipped_this_epoch()  # the epoch that just ended
+        if self._skip_counts is not None:
+            self._skip_counts.reset()
         self._epoch_batches = 0 if point is None else point.batches
         self._positions = {} if point is None else {w: p for w, p in enumerate(point.workers) if p is not None}
 
@@ -301,11 +336,19 @@ class M3TDataModule(LightningDataModule):
             self._positions[int(stats["worker_index"])] = dict(stats["position"])
             self._epoch_batches += 1
             self.samples_seen += len(batch["keys"])
-            stats["skipped_total"] = self._skipped_before + self._skipped_this_epoch()
+            stats["skipped_total"] = self.skipped_total()
         return batch
 
     def _skipped_this_epoch(self) -> int:
-        return sum(p["skipped"] for p in self._positions.values())
+        """Skips of the current epoch: those before the batches training took, or, where a worker got further
+        (prefetching, or bad samples after its last batch), what it counted in shared memory."""
+        workers = set(self._positions) | set(range(max(1, self.num_workers)))
+        shared = self._skip_counts
+        return sum(max(self._positions.get(w, {}).get("skipped", 0), shared.get(w) if shared else 0) for w in workers)
+
+    def skipped_total(self) -> int:
+        """Bad training samples skipped so far in this run (all epochs, all of this rank's workers)."""
+        return self._skipped_before + self._skipped_this_epoch()
 
     def state_dict(self) -> dict[str, Any]:
         """Every rank's data position (a collective: Lightning calls it on every rank when it saves)."""

@@ -1,5 +1,5 @@
 """Fine-tuning collation: 3-turn guided-reconstruction sequences plus one base-template hard negative
-(METHOD.md §4, §8).
+(docs/method.md §4, §8).
 
 Batch: ``query`` / ``target`` (two ``<|emb|>`` each: turn 1 = q or p, turn 3 = q' or p'), ``negative`` (one
 ``<|emb|>``), ``negative_valid`` [B] (False where the sample has no negative: its slot holds the released
@@ -41,7 +41,7 @@ class PairSample:
         return self.neg_text is not None or self.neg_image is not None
 
 
-# the released code's constant "junk" negative where a sample has none (METHOD.md §8.4)
+# the released code's constant "junk" negative where a sample has none (docs/method.md §8.4)
 EMPTY_NEGATIVE = "\n"
 
 

@@ -1,4 +1,4 @@
-"""One image-resolution policy and one image path, shared by training and evaluation (METHOD.md §10).
+"""One image-resolution policy and one image path, shared by training and evaluation (docs/method.md §10).
 
 ``ImagePolicy.prepare`` takes any image to the policy's *final* size (sides multiples of 28 inside the
 min/max pixel budget, exactly what Qwen2-VL's ``smart_resize`` would pick) in a single resize, and
@@ -26,6 +26,37 @@ FACTOR = PATCH * MERGE
 PATCH_DIM = 3 * PATCH * PATCH  # one uint8 patch: (channel, row, col), no temporal copy
 MAX_ASPECT = 200  # smart_resize refuses more extreme aspect ratios
 _FINAL = "muco_final_size"  # PIL ``info`` key: (policy fields, size) of an image ``prepare`` produced
+
+HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any image Pillow decodes as 8-bit RGB with its real contrast.
+
+    ``Image.convert("RGB")`` clips 16- and 32-bit grey values at 255 (a 16-bit scan comes out nearly white)
+    and drops alpha (what is under transparent pixels is often black). High-bit images are rescaled from
+    their type's range (16-bit: /257; 32-bit integer and float: from their own minimum..maximum), and images
+    with transparency are composited on white. Palette and CMYK images go through Pillow's own conversion.
+    """
+    if image.mode == "RGB":
+        image.load()  # decoded now: callers may close the file right after
+        return image
+    if image.mode in HIGH_BIT_MODES:
+        arr = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16"):
+            arr = arr / 257.0
+        else:
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
 
 PRESETS: dict[str, dict] = {
     # short side 640 (LANCZOS), then clamped to <= 1,003,520 px
@@ -90,7 +121,7 @@ class ImagePolicy:
         The image is loaded here, so a corrupt file fails in the caller's error handling.
         """
         if self.is_final(image):
-            return image if image.mode == "RGB" else image.convert("RGB")
+            return to_rgb(image)
         w, h = image.size
         if max(w, h) > MAX_ASPECT * min(w, h):
             raise ValueError(f"aspect ratio {w}x{h} > {MAX_ASPECT}")
@@ -101,8 +132,7 @@ class ImagePolicy:
         if draft:
             image.draft("RGB", size)  # no-op unless an unloaded JPEG; never smaller than `size`
         image.load()
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+        image = to_rgb(image)
         if image.size != size:
             image = image.resize(size, resample)
         # tag it (PIL copies ``info`` along with the pixels; the size check catches any later resize or crop)

@@ -1,4 +1,4 @@
-"""The masked counterpart of fine-tuning's guided reconstruction turn (METHOD.md §8.2)."""
+"""The masked counterpart of fine-tuning's guided reconstruction turn (docs/method.md §8.2)."""
 
 from __future__ import annotations
 

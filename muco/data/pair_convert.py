@@ -1,4 +1,4 @@
-"""Fine-tuning pairs -> webdataset shards (METHOD.md §2.2, §2.3, §8), on the M3T converter's framework
+"""Fine-tuning pairs -> webdataset shards (docs/method.md §2.2, §2.3, §8), on the M3T converter's framework
 (``muco.data.convert._run``: process pool, ordered writer, size-capped atomic shards, rejects, manifest).
 
 Inputs:
@@ -24,7 +24,6 @@ import ast
 import json
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,13 +32,17 @@ from muco.data.convert import (
     ConvertOptions,
     ConvertSummary,
     ImageError,
+    LineError,
     _jsonl_items,
     _parquet_items,
     _run,
+    check_sequence_length,
+    check_text_length,
     load_image,
+    parse_line,
 )
 from muco.data.pair_records import PairRecord, Side, strip_markers
-from muco.data.records import RecordError
+from muco.data.records import MAX_SEQUENCE_CHARS, MAX_TEXT_CHARS, RecordError
 
 MMEB_COLUMNS = ("qry", "pos_text", "qry_image_path", "pos_image_path", "qry_sentence", "pos_sentence",
                 "neg_text", "neg_image_path")
@@ -115,14 +118,10 @@ def record_from_mmeb(key: str, row: dict[str, Any]) -> PairRecord:
     return PairRecord(key=key, query=query, positive=positive, negatives=negatives)
 
 
-def record_from_line(line: str, default_key: str) -> PairRecord:
-    """One JSONL line: an MMEB-train row (has ``qry``) or a project pair record (has ``query`` and ``key``)."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise RecordError(default_key, "line", f"is not valid JSON ({e})", "json") from None
-    if not isinstance(obj, dict):
-        raise RecordError(default_key, "line", f"must be an object, got {type(obj).__name__}", "json")
+def record_from_line(line: str | bytes, default_key: str) -> PairRecord:
+    """One JSONL line: an MMEB-train row (has ``qry``) or a project pair record (has ``query`` and ``key``);
+    bytes are a line that is not UTF-8 (rejected)."""
+    obj = parse_line(line, default_key)
     key = obj.pop("key", None)
     if key is not None and not isinstance(key, str):
         raise RecordError(default_key, "key", f"must be a string, got {type(key).__name__}", "key")
@@ -133,6 +132,30 @@ def record_from_line(line: str, default_key: str) -> PairRecord:
     return PairRecord.from_json(key, obj, stored=False)
 
 
+def check_pair_lengths(rec: PairRecord, max_text_chars: int | None = MAX_TEXT_CHARS,
+                       max_sequence_chars: int | None = MAX_SEQUENCE_CHARS) -> PairRecord:
+    """Raise a ``too_long`` :class:`RecordError` for a validated pair over the limits: every text and caption,
+    then each fine-tuning sequence, i.e. one side's text plus the other side's counterpart (its text, and its
+    caption when it has an image; docs/method.md §8.2). A negative is its own single-turn sequence."""
+    key = rec.key
+    for name, side in (("query", rec.query), ("positive", rec.positive)):
+        check_text_length(key, f"{name}.text", side.text, max_text_chars)
+        if side.caption is not None:
+            check_text_length(key, f"{name}.caption", side.caption, max_text_chars)
+    for i, n in enumerate(rec.negatives):
+        check_text_length(key, f"negatives[{i}].text", n.text, max_text_chars)
+
+    def counterpart(side: Side) -> int:
+        return len(side.text) + (len(side.caption or "") if side.image is not None else 0)
+
+    what = "its text and the other side's counterpart"
+    check_sequence_length(key, "query sequence", len(rec.query.text) + counterpart(rec.positive),
+                          max_sequence_chars, what)
+    check_sequence_length(key, "target sequence", len(rec.positive.text) + counterpart(rec.query),
+                          max_sequence_chars, what)
+    return rec
+
+
 def prepare_pair(index: int, payload: Any, key: str | None, opts: PairConvertOptions) -> tuple:
     """One input item -> ("ok", key, members) or ("bad", key, index, reason, message); runs in workers."""
     try:
@@ -141,6 +164,7 @@ def prepare_pair(index: int, payload: Any, key: str | None, opts: PairConvertOpt
         if opts.max_negatives is not None:
             rec.negatives = rec.negatives[: opts.max_negatives]
         rec.validate()
+        check_pair_lengths(rec, opts.max_text_chars, opts.max_sequence_chars)
         members: list[tuple[str, bytes]] = []
         stored: dict[str, str] = {}  # negative image path -> member name
 
@@ -160,7 +184,7 @@ def prepare_pair(index: int, payload: Any, key: str | None, opts: PairConvertOpt
                 if neg.image not in stored:
                     stored[neg.image] = member(f"neg{len(stored)}", f"negatives[{i}].image", neg.image)
                 neg.image = stored[neg.image]
-    except (RecordError, ImageError) as e:
+    except (RecordError, ImageError, LineError) as e:
         return ("bad", getattr(e, "key", None) or key, index, e.reason, str(e))
     return ("ok", key, [*members, ("json", rec.to_json_bytes())])
 
@@ -174,15 +198,18 @@ def convert_pairs(inputs: str | os.PathLike | list, image_root: str | os.PathLik
                   jpeg_quality: int = 90, max_samples_per_shard: int = 1000, max_bytes_per_shard: int = 1 << 30,
                   workers: int = 0, manifest: str | None = None, rejects: str | None = None,
                   key_prefix: str | None = None, batch_rows: int = 1024, limit: int | None = None,
-                  overwrite: bool = False) -> ConvertSummary:
+                  overwrite: bool = False, max_text_chars: int | None = MAX_TEXT_CHARS,
+                  max_sequence_chars: int | None = MAX_SEQUENCE_CHARS) -> ConvertSummary:
     """MMEB-train parquet(s), or one JSONL (MMEB-train rows or pair records), -> pair shards + manifest.
 
     Parquet keys are ``<dir>_<file stem>_<row:09d>`` (MMEB-train keeps one directory per subset); JSONL keys
-    are the line's ``key``, else ``<file stem>_<line:09d>``; ``key_prefix`` replaces the prefix."""
+    are the line's ``key``, else ``<file stem>_<line:09d>``; ``key_prefix`` replaces the prefix. Length limits
+    (0 or None: none): see ``check_pair_lengths``."""
     paths = [str(p) for p in (inputs if isinstance(inputs, list) else [inputs])]
     if fmt == "auto":
         fmt = "jsonl" if paths[0].endswith((".jsonl", ".json")) else "parquet"
     opts = PairConvertOptions(str(image_root), max_side=max_side, jpeg_quality=jpeg_quality,
+                              max_text_chars=max_text_chars or None, max_sequence_chars=max_sequence_chars or None,
                               max_negatives=max_negatives)
     if fmt == "parquet":
         items = _parquet_items(paths, key_prefix, batch_rows, limit, wanted=MMEB_COLUMNS,
@@ -197,24 +224,22 @@ def convert_pairs(inputs: str | os.PathLike | list, image_root: str | os.PathLik
     return _run(prepare_pair, items, output, opts, max_samples_per_shard=max_samples_per_shard,
                 max_bytes_per_shard=max_bytes_per_shard, workers=workers, manifest=manifest, rejects=rejects,
                 overwrite=overwrite, source=",".join(paths),
-                manifest_extra={"kind": "pairs", "max_negatives": max_negatives})
+                manifest_extra={"kind": "pairs", "max_negatives": max_negatives},
+                unit="line" if fmt == "jsonl" else "row")
 
 
 def main_pairs(args: argparse.Namespace) -> int:
     """``muco data convert --kind pairs ...`` (arguments parsed by ``muco.data.convert_cli.build_parser``)."""
-    try:
-        summary = convert_pairs(
-            args.inputs, args.image_root, args.output, fmt=args.format, max_negatives=args.max_negatives,
-            max_side=args.max_side, jpeg_quality=args.jpeg_quality,
-            max_samples_per_shard=args.max_samples_per_shard, max_bytes_per_shard=args.max_bytes_per_shard,
-            workers=args.workers, manifest=args.manifest, rejects=args.rejects, key_prefix=args.key_prefix,
-            limit=args.limit, overwrite=args.overwrite)
-    except (OSError, ValueError) as e:
-        print(f"muco data convert: error: {e}", file=sys.stderr)
-        return 2
-    print(summary)
-    return 0 if summary.written else 1
+    from muco.data.convert_cli import report
+
+    return report(lambda: convert_pairs(
+        args.inputs, args.image_root, args.output, fmt=args.format, max_negatives=args.max_negatives,
+        max_side=args.max_side, jpeg_quality=args.jpeg_quality,
+        max_samples_per_shard=args.max_samples_per_shard, max_bytes_per_shard=args.max_bytes_per_shard,
+        workers=args.workers, manifest=args.manifest, rejects=args.rejects, key_prefix=args.key_prefix,
+        limit=args.limit, overwrite=args.overwrite, max_text_chars=args.max_text_chars,
+        max_sequence_chars=args.max_sequence_chars))
 
 
-__all__ = ["PairConvertOptions", "convert_pairs", "parse_list", "prepare_pair", "record_from_line",
-           "record_from_mmeb"]
+__all__ = ["PairConvertOptions", "check_pair_lengths", "convert_pairs", "parse_list", "prepare_pair",
+           "record_from_line", "record_from_mmeb"]

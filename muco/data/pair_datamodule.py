@@ -1,7 +1,7 @@
 """``PairDataModule``: streaming fine-tuning pairs for Lightning, with every option of ``M3TDataModule``
 (shards / manifests / weighted sources, resampled or split mode, workers, per-device batch size,
 ``samples_per_epoch`` with equal batch counts per rank, seed, tokenizer, image policy, skip counts and
-``stats`` in batches, resume state) plus the masking of the reconstruction counterparts (METHOD.md §8.2).
+``stats`` in batches, resume state) plus the masking of the reconstruction counterparts (docs/method.md §8.2).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The typed fine-tuning pair record (METHOD.md §2.3, §8): validation and the JSON form stored in shards.
+"""The typed fine-tuning pair record (docs/method.md §2.3, §8): validation and the JSON form stored in shards.
 
 A shard sample is ``{key}.json`` plus one member per image, named in the JSON::
 
@@ -65,7 +65,7 @@ class PairRecord:
                 raise RecordError(
                     key, f"{name}.caption",
                     "is missing: an image-bearing side needs a caption, which replaces its image in the masked "
-                    "counterpart shown to the other side (METHOD.md §8.2); caption the image offline "
+                    "counterpart shown to the other side (docs/method.md §8.2); caption the image offline "
                     "(qry_sentence / pos_sentence) or drop the record", "missing_caption")
         if not isinstance(self.negatives, list):
             raise RecordError(key, "negatives", f"must be a list, got {type(self.negatives).__name__}")
@@ -153,7 +153,7 @@ def _check_text(key: str, name: str, value: str) -> None:
 
 def strip_markers(text: str) -> str:
     """Remove every ``<|image_1|>`` marker (with the newline or space after it); the templates place the image
-    themselves, always first (METHOD.md §4)."""
+    themselves, always first (docs/method.md §4)."""
     if not isinstance(text, str) or IMAGE_MARKER not in text:
         return text
     for sep in ("\n", " ", ""):

@@ -1,5 +1,5 @@
 """The streaming fine-tuning dataset: ``M3TStream``'s machinery (shard split, shuffling, skip handler, stats,
-equal batch counts) with a pair decode step (METHOD.md §8.2, §8.4).
+equal batch counts) with a pair decode step (docs/method.md §8.2, §8.4).
 
 Per sample, in a DataLoader worker, from one RNG seeded by (global seed, epoch, key) (``sample_rng``), in this
 order: the masked counterpart of the positive (shown in the query sequence), the masked counterpart of the query
@@ -22,7 +22,7 @@ from muco.data.turns import sample_rng
 
 
 def masked_counterpart(side: Side, rng: random.Random, cfg: MaskingConfig) -> str:
-    """The side's user text with its image replaced by its caption, then masked (METHOD.md §8.2)."""
+    """The side's user text with its image replaced by its caption, then masked (docs/method.md §8.2)."""
     return mask_words(counterpart_text(side.text, side.caption, side.image is not None), rng, cfg)
 
 

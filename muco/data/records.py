@@ -1,4 +1,4 @@
-"""The typed M3T record (METHOD.md §2.3): validation and the JSON form stored in shards.
+"""The typed M3T record (docs/method.md §2.3): validation and the JSON form stored in shards.
 
 A shard sample is ``{key}.<image ext>`` + ``{key}.json`` where the JSON holds
 ``{"turns": [{"task", "queries", "target"}, ...], "caption": str | null}``, plus
@@ -22,8 +22,17 @@ IMAGE_MARKER = "<|image_1|>"
 # '.' would split the webdataset key from its extension, '/' would create member directories
 KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*")
 JSON_FIELDS = ("turns", "caption", "negatives")
-# task of each turn in the released 7-turn order (METHOD.md §2.1)
+# task of each turn in the released 7-turn order (docs/method.md §2.1)
 M3T_TASKS = ("cls", "vqa_global", "vqa_global", "vqa_local", "vqa_local", "vqa_creative", "ret")
+# Length limits in characters (str length), shared by the converter (rejects) and the training stream (skips).
+# docs/method.md §13.3 gives averages, no maxima: 0.60 M target / 1.25 M query tokens per 1,024 7-turn sequences, i.e.
+# ~590 tokens per target sequence and ~530 text tokens per query sequence once its ~690 image tokens (§10, 640-px
+# short side) are taken off; §10 quotes 25 tokens for an average MMEB text. At ~4 characters per Qwen2 token that
+# is ~2,200 characters of text per sequence and ~300 per turn, the dense-caption (ret) target being the longest.
+# The defaults leave ample room above those averages and still bound a padded batch: 4,096 characters (~1,000
+# tokens) per text, 16,384 (~4,000 tokens, ~7x the average) per sequence.
+MAX_TEXT_CHARS = 4096  # one text: a query candidate, a target, a negative, a pair side's text or caption
+MAX_SEQUENCE_CHARS = 16384  # the user texts of one sequence (every stored turn; the longest candidate of each)
 
 
 class RecordError(ValueError):

@@ -23,10 +23,12 @@ _GLOB_CHARS = "*?["
 
 @dataclass
 class ShardSet:
-    """Resolved shard URLs; ``num_samples`` is known only when every source was a manifest."""
+    """Resolved shard URLs; ``num_samples`` is known only when every source was a manifest, ``turns`` (the
+    turn count of every record, written by the converter) only when every manifest states the same one."""
 
     urls: list[str]
     num_samples: int | None
+    turns: int | None = None
 
 
 def is_remote(url: str) -> bool:
@@ -57,7 +59,8 @@ def read_manifest(path: str | os.PathLike) -> ShardSet:
             f"manifest {path} lists {len(missing)} shard(s) that do not exist, e.g. {missing[0]}; "
             "the shards were moved or the conversion did not finish"
         )
-    return ShardSet(urls, sum(counts))
+    turns = obj.get("turns")
+    return ShardSet(urls, sum(counts), turns if isinstance(turns, int) and turns > 0 else None)
 
 
 def expand_pattern(pattern: str) -> ShardSet:
@@ -97,7 +100,8 @@ def resolve_shards(spec: str | list[str]) -> ShardSet:
     sets = [expand_pattern(p) for p in parts]
     counts = [s.num_samples for s in sets]
     total = None if any(c is None for c in counts) else sum(counts)  # type: ignore[arg-type]
-    return ShardSet([u for s in sets for u in s.urls], total)
+    turns = {s.turns for s in sets}
+    return ShardSet([u for s in sets for u in s.urls], total, turns.pop() if len(turns) == 1 else None)
 
 
 def peek_first_json(url: str) -> tuple[str, bytes] | None:

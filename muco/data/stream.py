@@ -3,7 +3,7 @@
 Everything expensive (tar reading, JPEG decode, resize, tokenisation, patchifying, collation) runs in
 DataLoader workers; the loader is built with ``batch_size=None``. Rank and world size are given explicitly
 at construction (computed in the training process), so shard splitting is right whatever the worker start
-method (``split_by_node`` silently does not split in spawn/forkserver workers, STACK.md §9). Every random
+method (``split_by_node`` silently does not split in spawn/forkserver workers). Every random
 choice comes from a stable hash of (seed, epoch, rank, worker, ...) like open_clip, so epochs are reproducible.
 
 Exact resume: a worker's stream within an epoch is a pure function of (seed, epoch, rank, worker), so a
@@ -37,13 +37,32 @@ from webdataset.tariterators import base_plus_ext
 from muco.data.collate import BadSampleError, PretrainCollator, PretrainSample
 from muco.data.image_policy import MAX_ASPECT, ImagePolicy
 from muco.data.negatives import NegativeSampler
-from muco.data.records import M3TRecord
+from muco.data.records import MAX_SEQUENCE_CHARS, MAX_TEXT_CHARS, M3TRecord
 from muco.data.skip_log import SkipLog
 from muco.data.turns import apply_order, draw_turns_indexed, permute_turns, sample_rng, stable_seed
 
 log = logging.getLogger("muco.data")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_CONSECUTIVE_FAILURES = 1000  # a worker whose every sample fails has a bug or wrong data, not bad luck
+MAX_EMPTY_SHARDS = 1000  # shards in a row without a single sample: an empty shard list, not a few empty shards
+
+
+class SharedCounts:
+    """Per-worker counters in shared memory: the training process sees every worker's skips as they happen,
+    also those after a worker's last batch, which no batch carries."""
+
+    def __init__(self, n: int) -> None:
+        self.values = mp.Array("q", max(1, n), lock=False)
+
+    def add(self, i: int) -> None:
+        self.values[i] += 1
+
+    def reset(self) -> None:
+        for i in range(len(self.values)):
+            self.values[i] = 0
+
+    def get(self, i: int) -> int:
+        return int(self.values[i])
 
 
 class SharedEpoch:
@@ -72,11 +91,15 @@ class StreamConfig:
     seed: int = 0
     samples_per_epoch: int | None = None  # global; None: one pass over each rank's shards
     train: bool = True  # False: no shuffling, epoch fixed to 0, partial last batch kept
-    # "sample": every sample draws its own turn order (METHOD.md §5, default); "batch": one random order
+    # "sample": every sample draws its own turn order (docs/method.md §5, default); "batch": one random order
     # shared by all samples of a batch, so turn positions carry no sample identity (used by the demo, whose
     # label-derived texts would otherwise let the model match query and target by turn order alone); "stored":
     # the record's stored order, never shuffled (the positional-bias ablation the paper's shuffling prevents)
     turn_order: str = "sample"
+    skip_file: str | None = None  # every skipped sample is appended here (the run directory's skipped.jsonl)
+    # length bounds on the drawn texts, so step time and memory are bounded by configuration (0: none)
+    max_text_chars: int = MAX_TEXT_CHARS
+    max_sequence_chars: int = MAX_SEQUENCE_CHARS
 
 
 @dataclass
@@ -128,14 +151,32 @@ def decode_sample(raw: dict[str, Any], cfg: StreamConfig, epoch: int,
     key = raw["__key__"]
     record, image_bytes = record_and_image(raw)
     n = len(record.turns)
-    if (cfg.expected_turns is not None and n != cfg.expected_turns) or n < cfg.turns_per_sample:
-        raise BadSampleError(f"has {n} turns, expected {cfg.expected_turns or cfg.turns_per_sample}")
+    if cfg.expected_turns is not None and n != cfg.expected_turns:
+        raise BadSampleError(f"has {n} turns, expected {cfg.expected_turns} (the data source's turn count)")
+    if n < cfg.turns_per_sample:
+        raise BadSampleError(f"has {n} turns, fewer than data.turns_per_sample={cfg.turns_per_sample}")
     image = load_image(image_bytes, cfg.image_policy)
     queries, targets, turns = draw_turns_indexed(record.turns, cfg.turns_per_sample,
                                                  sample_rng(cfg.seed, epoch, key), shuffle=cfg.turn_order == "sample")
+    check_lengths(queries, targets, cfg)
     # the negatives' own RNG: the turn draws above do not change when negatives are on
     negs = None if negatives is None else negatives.draw_seeded(key, turns, cfg.seed, epoch)
     return PretrainSample(key=key, image=image, queries=queries, targets=targets, turns=turns, negatives=negs)
+
+
+def check_lengths(queries: list[str], targets: list[str], cfg: StreamConfig) -> None:
+    """A sample whose drawn texts exceed the configured bounds is skipped (a 4,000-character caption would
+    widen its whole batch tenfold): each text, and the texts of the query and of the target sequence."""
+    if cfg.max_text_chars:
+        longest = max(map(len, queries + targets))
+        if longest > cfg.max_text_chars:
+            raise BadSampleError(f"a text of {longest:,} characters, over data.max_text_chars={cfg.max_text_chars:,}")
+    if cfg.max_sequence_chars:
+        for side, texts in (("query", queries), ("target", targets)):
+            total = sum(map(len, texts))
+            if total > cfg.max_sequence_chars:
+                raise BadSampleError(f"{side} sequence of {total:,} text characters, over "
+                                     f"data.max_sequence_chars={cfg.max_sequence_chars:,}")
 
 
 def _weighted_mix(streams: list[Iterator], weights: list[float], rng: random.Random,
@@ -166,8 +207,11 @@ class M3TStream(IterableDataset):
         self.num_batches = None if spe is None else spe // (world_size * cfg.batch_size)  # same on every rank
         self.resume: ResumePoint | None = None  # set by the DataModule before the first iterator of a resume
         self.position = WorkerPosition()  # of the epoch this worker is iterating
-        self._skip_log = SkipLog()
+        self._skip_log = SkipLog(path=cfg.skip_file)
         self._failures = 0
+        self._empty_shards = 0
+        self._epoch, self._w = 0, 0
+        self.skip_counts: SharedCounts | None = None  # per-worker skip counts the training process reads
 
     def __len__(self) -> int:
         if self.num_batches is None:
@@ -185,11 +229,18 @@ class M3TStream(IterableDataset):
         done = point.workers[w] if point is not None and w < len(point.workers) else None
         self.position = WorkerPosition() if done is None else WorkerPosition(**done)
         wid = f"r{self.rank}w{w}" if self.cfg.train else f"val-r{self.rank}w{w}"
+        self._epoch, self._w = epoch, w
         batches = self._batches(self._samples(epoch, w, nw, wid, self.position.raw), epoch, wid, w)
         if self.num_batches is not None:  # split over workers
             n = self.num_batches
             batches = islice(batches, max(0, n // nw + (w < n % nw) - self.position.batches))
-        return batches
+        return self._closing(batches, wid)
+
+    def _closing(self, batches: Iterator[dict[str, Any]], wid: str) -> Iterator[dict[str, Any]]:
+        try:
+            yield from batches
+        finally:  # also when the loader stops pulling (the epoch's batch count is reached)
+            self._skip_log.close(wid, self.position.skipped)
 
     # -- stages ------------------------------------------------------------------------------------------
     def _shard_urls(self, src: int, epoch: int, w: int, nw: int, rep: int) -> Iterator[str]:
@@ -233,6 +284,10 @@ class M3TStream(IterableDataset):
         once) and the unreadable tail; the samples before it still arrive."""
         current: dict | None = None
         reading: str | None = None  # key of the member being read when an error hits
+        self._empty_shards += 1  # until this shard yields a sample
+        if self._empty_shards > MAX_EMPTY_SHARDS:  # e.g. resampled draws over tars without members: never spin
+            raise RuntimeError(f"worker {wid}: {MAX_EMPTY_SHARDS} shards in a row held no sample (the last: {url}); "
+                               "the shards are empty or not webdataset tars: check data.train_shards / the conversion")
         try:
             with gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
                 for info in tar:
@@ -244,6 +299,7 @@ class M3TStream(IterableDataset):
                     reading = None
                     if current is None or current["__key__"] != base:
                         if current is not None:
+                            self._empty_shards = 0
                             yield current
                         current = {"__key__": base, "__url__": url}
                     current[ext.lower()] = data
@@ -252,6 +308,7 @@ class M3TStream(IterableDataset):
                 current, reading = None, current["__key__"]  # it lost a member
             self._skip(wid, url, reading, f"unreadable tar, rest of shard skipped ({type(e).__name__}: {e})")
         if current is not None:  # complete as far as the tar goes; decoding checks its members
+            self._empty_shards = 0
             yield current
 
     def _samples(self, epoch: int, w: int, nw: int, wid: str, consumed: int = 0) -> Iterator[PretrainSample]:
@@ -323,7 +380,11 @@ class M3TStream(IterableDataset):
     def _skip(self, wid: str, url: str, key: str | None, err: object) -> None:
         self.position.skipped += 1
         self._failures += 1
-        self._skip_log(wid, url, key, err, self.position.skipped)
+        if self.skip_counts is not None and self.cfg.train:
+            self.skip_counts.add(self._w)
+        record = {"split": "train" if self.cfg.train else "val", "rank": self.rank, "epoch": self._epoch,
+                  "raw": self.position.raw}
+        self._skip_log(wid, url, key, err, self.position.skipped, record)
         if self._failures >= MAX_CONSECUTIVE_FAILURES:  # fail loudly instead of spinning over bad data
             raise RuntimeError(f"worker {wid}: {self._failures} samples in a row failed; last: {key!r} of "
                                f"{url}: {err}")

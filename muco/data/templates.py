@@ -1,4 +1,4 @@
-"""Chat templates of the MuCo method (METHOD.md §4), reproduced character for character.
+"""Chat templates of the MuCo method (docs/method.md §4), reproduced character for character.
 
 Every template is a pure function of strings. Images are referenced by the placeholder ``IMG``; the collator
 expands its ``<|image_pad|>`` to the number of visual tokens of the image.

@@ -1,4 +1,4 @@
-"""Per-sample turn drawing (METHOD.md §5): one shared permutation, one candidate query per turn.
+"""Per-sample turn drawing (docs/method.md §5): one shared permutation, one candidate query per turn.
 
 The RNG is seeded from (global seed, epoch, sample key) through a stable hash, so the drawn turns do not
 depend on the worker, the rank, the shuffle buffer or Python's per-process hash salt: runs are reproducible

@@ -1,6 +1,6 @@
 """scikit-learn's 1,797 real handwritten digit scans as M3T-shaped records and MMEB-format eval tasks.
 
-Every image gets the 7 M3T task types (METHOD.md §2.1) with texts derived from its label, so the demo exercises
+Every image gets the 7 M3T task types (docs/method.md §2.1) with texts derived from its label, so the demo exercises
 the same multi-turn pipeline as M3T. The split is fixed by a seed.
 """
 
@@ -67,9 +67,9 @@ def split(digits: list[Digit], held_out: int = 297, seed: int = 0) -> tuple[list
 
 
 def record(d: Digit) -> dict:
-    """Our record schema (METHOD.md §2.3) for one digit; the image is stored next to it.
+    """Our record schema (docs/method.md §2.3) for one digit; the image is stored next to it.
 
-    Texts end with a newline, as MMEB-format evaluation texts do (METHOD.md §12), so the demo's short answers
+    Texts end with a newline, as MMEB-format evaluation texts do (docs/method.md §12), so the demo's short answers
     ("five.") look the same in training turns and as evaluation candidates.
     """
     return {

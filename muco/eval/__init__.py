@@ -6,11 +6,12 @@ Inside training, call ``evaluate_tasks(encode_fn, tasks, batch_size)`` with
 """
 
 from muco.eval.aggregate import aggregate, format_table
+from muco.eval.errors import EvalDataError
 from muco.eval.harness import EncodeFn, TaskResult, evaluate_task, evaluate_tasks
 from muco.eval.tasks import META_TASKS, Task, TaskSpec, load_task, load_task_list, select_tasks
 from muco.eval.text import MMEBQuery
 
 __all__ = [
-    "META_TASKS", "EncodeFn", "MMEBQuery", "Task", "TaskResult", "TaskSpec", "aggregate", "evaluate_task",
-    "evaluate_tasks", "format_table", "load_task", "load_task_list", "select_tasks",
+    "META_TASKS", "EncodeFn", "EvalDataError", "MMEBQuery", "Task", "TaskResult", "TaskSpec", "aggregate",
+    "evaluate_task", "evaluate_tasks", "format_table", "load_task", "load_task_list", "select_tasks",
 ]

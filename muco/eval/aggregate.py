@@ -1,7 +1,7 @@
 """MMEB aggregation and the result table.
 
 A meta-task score is the unweighted mean of its datasets; IND / OOD average their datasets; Overall is the
-unweighted mean over **all datasets**, not over the meta-task scores (METHOD.md §12: for MuCo-7B,
+unweighted mean over **all datasets**, not over the meta-task scores (docs/method.md §12: for MuCo-7B,
 (68.3*10 + 71.9*10 + 73.7*12 + 90.9*4) / 36 = 73.6).
 """
 
@@ -16,28 +16,29 @@ META_LABELS = {"classification": "Classification", "vqa": "VQA", "retrieval": "R
                "grounding": "Visual grounding"}
 
 
-def _group(values: Sequence[float], expected: int) -> dict:
-    return {"score": sum(values) / len(values) if values else None, "n": len(values), "expected": expected}
+def _group(scores: Mapping[str, float], members: Sequence[TaskSpec]) -> dict:
+    values = [scores[s.name] for s in members if s.name in scores]
+    missing = [s.name for s in members if s.name not in scores]
+    return {"score": sum(values) / len(values) if values else None, "n": len(values), "expected": len(members),
+            "partial": bool(missing), "missing": missing}
 
 
 def aggregate(scores: Mapping[str, float], specs: Sequence[TaskSpec]) -> dict:
     """Group means over the datasets of ``specs`` that have a score.
 
-    Each group reports ``score`` (None when empty), ``n`` (datasets scored) and ``expected`` (datasets in the
-    task list), so a partial run is visible as such.
+    Each group reports ``score`` (the mean over its scored datasets; None when none is), ``n`` (datasets scored),
+    ``expected`` (datasets in the task list), ``partial`` (n < expected) and ``missing`` (the names not scored,
+    in task-list order), so a partial run is visible as such and never reads as a full one.
     """
     unknown = set(scores) - {s.name for s in specs}
     if unknown:
         raise ValueError(f"scores for tasks not in the task list: {sorted(unknown)}")
-    done = [s for s in specs if s.name in scores]
     out = {"meta_tasks": {}, "splits": {}}
     for m in META_TASKS:
-        out["meta_tasks"][m] = _group([scores[s.name] for s in done if s.meta_task == m],
-                                      sum(s.meta_task == m for s in specs))
+        out["meta_tasks"][m] = _group(scores, [s for s in specs if s.meta_task == m])
     for sp in SPLITS:
-        out["splits"][sp] = _group([scores[s.name] for s in done if s.split == sp],
-                                   sum(s.split == sp for s in specs))
-    out["overall"] = _group([scores[s.name] for s in done], len(specs))
+        out["splits"][sp] = _group(scores, [s for s in specs if s.split == sp])
+    out["overall"] = _group(scores, specs)
     return out
 
 
@@ -54,8 +55,14 @@ def _render(rows: list[list[str]], right: set[int]) -> list[str]:
 
 
 def format_table(results: Mapping[str, Mapping[str, float]], specs: Sequence[TaskSpec],
-                 metrics: Sequence[str] = (PRIMARY, "hit@5", "mrr", "ndcg@10")) -> str:
-    """Plain-text table: one row per dataset (grouped by meta-task), then the aggregate rows (x100)."""
+                 metrics: Sequence[str] = (PRIMARY, "hit@5", "mrr", "ndcg@10"),
+                 failed: Mapping[str, str] | None = None) -> str:
+    """Plain-text table: one row per dataset (grouped by meta-task), then the aggregate rows (x100).
+
+    ``failed`` (task name -> one-line message) marks those rows FAILED and lists the messages under the table;
+    a partial aggregate says which datasets it leaves out.
+    """
+    failed = failed or {}
     metrics = (PRIMARY, *[m for m in metrics if m != PRIMARY])  # aggregates go under the first column
     header = ["dataset", "meta-task", "split", *metrics]
     rows = [header]
@@ -63,7 +70,10 @@ def format_table(results: Mapping[str, Mapping[str, float]], specs: Sequence[Tas
         for s in specs:
             if s.meta_task == m:
                 r = results.get(s.name)
-                rows.append([s.name, m, s.split.upper(), *[_pct(r.get(k) if r else None) for k in metrics]])
+                cells = [_pct(r.get(k) if r else None) for k in metrics]
+                if s.name in failed and not r:
+                    cells[0] = "FAILED"
+                rows.append([s.name, m, s.split.upper(), *cells])
     agg = aggregate({k: v[PRIMARY] for k, v in results.items() if PRIMARY in v}, specs)
     blank = [""] * (len(metrics) - 1)
     groups = [(META_LABELS[m], agg["meta_tasks"][m]) for m in META_TASKS]
@@ -73,4 +83,11 @@ def format_table(results: Mapping[str, Mapping[str, float]], specs: Sequence[Tas
     lines = _render(rows + summary, right=set(range(3, len(header))))
     rule = "-" * max(len(line) for line in lines)
     n = len(rows)
-    return "\n".join([lines[0], rule, *lines[1:n], rule, *lines[n:]])
+    notes = []
+    if agg["overall"]["partial"]:
+        left = agg["overall"]["missing"]
+        named = ", ".join(f"{k} (failed)" if k in failed else k for k in left)
+        notes.append(f"partial: {agg['overall']['n']} of {agg['overall']['expected']} datasets scored; the aggregates "
+                     f"average only those. Not scored: {named}")
+    notes += [f"FAILED {k}: {failed[k]}" for k in failed]
+    return "\n".join([lines[0], rule, *lines[1:n], rule, *lines[n:], *notes])

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from muco.eval.errors import EvalDataError
 from muco.eval.text import MMEBQuery
 
 COLUMNS = ("qry_inst", "qry_text", "qry_img_path", "tgt_inst", "tgt_text", "tgt_img_path")
@@ -37,19 +38,22 @@ def _str_list(value: Any, column: str, row: int) -> tuple[str, ...]:
             try:
                 parsed = json.loads(value)
             except json.JSONDecodeError:
-                raise ValueError(f"row {row}: column {column!r} holds a list as non-JSON text; convert the "
-                                 "file to real list columns") from None
+                raise EvalDataError(f"column {column!r} holds a list as non-JSON text; convert the file to "
+                                    "real list columns", row=row) from None
             return _str_list(parsed, column, row)
         return (value,)
     if isinstance(value, Iterable):
         return tuple("" if v is None else str(v) for v in value)
-    raise ValueError(f"row {row}: column {column!r} must be a list of strings, got {type(value).__name__}")
+    raise EvalDataError(f"column {column!r} must be a list of strings, got {type(value).__name__}", row=row)
 
 
 def row_to_query(row: Mapping[str, Any], index: int = 0) -> MMEBQuery:
+    """One MMEB row; a row it cannot use raises :class:`EvalDataError` naming ``index``."""
+    if not isinstance(row, Mapping):
+        raise EvalDataError(f"expected a JSON object per row, got {type(row).__name__}", row=index)
     missing = [c for c in COLUMNS if c not in row and c not in OPTIONAL]
     if missing:
-        raise ValueError(f"row {index} lacks the MMEB columns {missing}; got {sorted(row)}")
+        raise EvalDataError(f"lacks the MMEB columns {missing}; got {sorted(row)}", row=index)
     get = {c: row.get(c, OPTIONAL.get(c)) for c in COLUMNS}
     return MMEBQuery(
         qry_inst=str(get["qry_inst"] or ""),
@@ -61,31 +65,58 @@ def row_to_query(row: Mapping[str, Any], index: int = 0) -> MMEBQuery:
     )
 
 
-def _rows(file: Path) -> Iterator[dict[str, Any]]:
+def _rows(file: Path, first_row: int) -> Iterator[dict[str, Any]]:
+    """The rows of one file; a file or line it cannot read raises :class:`EvalDataError` naming file, line and row
+    (``first_row``: the split's row number of this file's first row)."""
     if file.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(file)
-        cols = [c for c in COLUMNS if c in pf.schema_arrow.names]
-        for batch in pf.iter_batches(batch_size=1024, columns=cols):
-            yield from batch.to_pylist()
+        try:
+            pf = pq.ParquetFile(file)
+            cols = [c for c in COLUMNS if c in pf.schema_arrow.names]
+            for batch in pf.iter_batches(batch_size=1024, columns=cols):
+                yield from batch.to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise EvalDataError(f"cannot read the parquet file ({type(e).__name__}: {e})", file=file,
+                                what="data") from e
     elif file.suffix in (".jsonl", ".json"):
-        with file.open(encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    yield json.loads(line)
+        row = first_row
+        with file.open("rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise EvalDataError(f"line {line_no} is not UTF-8 ({e.reason} at byte {e.start})", row=row,
+                                        file=file, what="data") from e
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line.rstrip())
+                except json.JSONDecodeError as e:
+                    raise EvalDataError(f"line {line_no} is not valid JSON ({e.msg} at character {e.pos + 1})",
+                                        row=row, file=file, what="data") from e
+                yield obj
+                row += 1
     else:
-        raise ValueError(f"unsupported MMEB data file {file}; use .parquet or .jsonl")
+        raise EvalDataError("unsupported MMEB data file; use .parquet or .jsonl", file=file, what="data")
 
 
 def load_queries(path: str | Path, limit: int | None = None) -> list[MMEBQuery]:
-    """All rows of a split (the first ``limit`` when given), in file order."""
+    """All rows of a split (the first ``limit`` when given), in file order.
+
+    A missing ``path`` raises FileNotFoundError; a file, line or row that cannot be used raises
+    :class:`EvalDataError` naming the file and the row (0-based over the split, as in ``<task>.pred.jsonl``).
+    """
     out: list[MMEBQuery] = []
     for file in data_files(path):
-        for row in _rows(file):
+        for row in _rows(file, len(out)):
             if limit is not None and len(out) >= limit:
                 return out
-            out.append(row_to_query(row, len(out)))
+            try:
+                out.append(row_to_query(row, len(out)))
+            except EvalDataError as e:
+                raise EvalDataError(e.reason, row=e.row, file=file, what="data") from e
     if not out:
-        raise ValueError(f"MMEB data {path} holds no rows")
+        raise EvalDataError("holds no rows", file=path, what="data")
     return out

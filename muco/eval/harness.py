@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from muco.data.image_policy import to_rgb
+from muco.eval.errors import EvalDataError, image_error
 from muco.eval.metrics import gold_rank, ranking_metrics
 from muco.eval.tasks import Task
 from muco.eval.text import candidates, query_text, to_user_text
@@ -33,7 +35,7 @@ ImageLoader = Callable[[Path], Image.Image]
 def load_image(path: Path) -> Image.Image:
     """RGB image, fully read so the file handle is closed (the encoder applies the resolution policy)."""
     with Image.open(path) as im:
-        return im.convert("RGB")
+        return to_rgb(im)
 
 
 @dataclass
@@ -98,10 +100,39 @@ def _image_path(root: Path | None, rel: str | None) -> Path | None:
     return Path(rel) if root is None else root / rel
 
 
+def _located_loader(task: Task, load: ImageLoader, origin: dict[Path, tuple[int, str]]) -> ImageLoader:
+    """``load`` whose errors name the task, the first row and column that reference the image, and the file."""
+    def located(path: Path) -> Image.Image:
+        try:
+            return load(path)
+        except Exception as e:
+            row, column = origin.get(path, (None, None))
+            raise image_error(e, path, task=task.name, row=row, column=column) from e
+
+    return located
+
+
+def _check_images_exist(task: Task, origin: dict[Path, tuple[int, str]]) -> None:
+    """Every referenced image is a file, checked before anything is encoded; names the first missing one."""
+    missing = [p for p in origin if not p.is_file()]
+    if missing:
+        first = min(missing, key=lambda p: origin[p][0])
+        cause = IsADirectoryError(first) if first.is_dir() else FileNotFoundError(first)
+        reason = image_error(cause, first).reason
+        if len(missing) > 1:
+            reason += f" (and {len(missing) - 1} more missing image{'s' if len(missing) > 2 else ''})"
+        row, column = origin[first]
+        raise EvalDataError(reason, task=task.name, row=row, column=column, file=first, what="image")
+
+
 def evaluate_task(
     encode_fn: EncodeFn, task: Task, batch_size: int = 32, load: ImageLoader = load_image
 ) -> TaskResult:
-    """Encode each distinct candidate and every query once, rank every query's own list, score it."""
+    """Encode each distinct candidate and every query once, rank every query's own list, score it.
+
+    A missing, truncated or corrupt image raises :class:`muco.eval.errors.EvalDataError` naming the task, the
+    (first) row and column that reference it, and the file; missing files are found before anything is encoded.
+    """
     start = time.perf_counter()
     root, mode = task.spec.image_root, task.spec.candidates
     index: dict[str, int] = {}
@@ -109,20 +140,31 @@ def evaluate_task(
     c_path: list[Path | None] = []
     c_name: list[str] = []
     lists: list[torch.Tensor] = []
+    origin: dict[Path, tuple[int, str]] = {}  # image -> the first (row, column) that references it
     refs = conflicts = 0
+    q_text: list[str] = []
     for qi, q in enumerate(task.queries):
-        cands = candidates(q, mode)
-        if not cands:
-            raise ValueError(f"task {task.name}: query {qi} has no candidates")
+        try:
+            cands = candidates(q, mode)
+            if not cands:
+                raise ValueError("has no candidates")
+            texts = [to_user_text(c.text) for c in cands]
+            q_text.append(to_user_text(query_text(q)))
+        except ValueError as e:  # a row the MMEB string rules cannot use
+            raise EvalDataError(str(e), task=task.name, row=qi) from e
+        if q.qry_img_path:
+            origin.setdefault(_image_path(root, q.qry_img_path), (qi, "qry_img_path"))
         ids = []
-        for c in cands:
-            text, path = to_user_text(c.text), _image_path(root, c.image_path)
+        for k, (c, text) in enumerate(zip(cands, texts)):  # image candidates: the k-th of tgt_img_path
+            path = _image_path(root, c.image_path)
             j = index.get(c.name)
             if j is None:
                 j = index[c.name] = len(c_text)
                 c_text.append(text)
                 c_path.append(path)
                 c_name.append(c.name)
+                if path is not None:
+                    origin.setdefault(path, (qi, f"tgt_img_path[{k}]"))
             elif (c_text[j], c_path[j]) != (text, path):
                 conflicts += 1
             ids.append(j)
@@ -132,8 +174,9 @@ def evaluate_task(
         log.warning("%s: %d candidate entries share a name with a different text/image; the first was kept",
                     task.name, conflicts)
 
+    _check_images_exist(task, origin)
+    load = _located_loader(task, load, origin)
     cand = encode_items(encode_fn, c_text, c_path, batch_size, load)
-    q_text = [to_user_text(query_text(q)) for q in task.queries]
     q_path = [_image_path(root, q.qry_img_path) for q in task.queries]
     qry = encode_items(encode_fn, q_text, q_path, batch_size, load)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from muco.eval.data import load_queries
+from muco.eval.errors import EvalDataError
 from muco.eval.text import CANDIDATE_MODES, MMEBQuery
 
 META_TASKS = ("classification", "vqa", "retrieval", "grounding")
@@ -121,6 +122,17 @@ def select_tasks(specs: Sequence[TaskSpec], names: Sequence[str] | None) -> list
 
 
 def load_task(spec: TaskSpec, limit: int | None = None) -> Task:
+    """The task with its queries; data that cannot be read raises :class:`EvalDataError` naming the task."""
     if spec.data is None:
-        raise ValueError(f"task {spec.name} has no data path")
-    return Task(spec=spec, queries=load_queries(spec.data, limit=limit))
+        raise EvalDataError("has no data path", task=spec.name)
+    try:
+        queries = load_queries(spec.data, limit=limit)
+    except EvalDataError as e:
+        raise e.in_task(spec.name) from e
+    except FileNotFoundError as e:
+        reason = "does not exist" if not spec.data.exists() else str(e).replace(f" in {spec.data}", "")
+        raise EvalDataError(reason, task=spec.name, file=spec.data, what="data") from e
+    except OSError as e:  # unreadable file or directory
+        raise EvalDataError(f"cannot read it ({type(e).__name__}: {e})", task=spec.name, file=spec.data,
+                            what="data") from e
+    return Task(spec=spec, queries=queries)

@@ -1,10 +1,10 @@
-"""MMEB string rules (METHOD.md §12): query text, candidate texts and names, and the encoding normalisation.
+"""MMEB string rules (docs/method.md §12): query text, candidate texts and names, and the encoding normalisation.
 
 Everything here is a pure function of the MMEB_Test_Instruct columns, so the exact strings can be unit-tested.
 Texts are built in MMEB notation first (placeholder ``<|image_pad|>``) and only turned into the user text
 ``u`` of ``BASE(u)`` by :func:`to_user_text`.
 
-Two details follow the released harness where METHOD.md is silent:
+Two details follow the released harness where docs/method.md is silent:
 
 - ``<|image_1|>`` inside an instruction is removed before the rule puts its own placeholder in front; keeping
   it would give two placeholders for one image.

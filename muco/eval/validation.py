@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -16,6 +17,18 @@ from muco.eval.tasks import Task, load_task, load_task_list
 def _tasks(path: str, limit: int | None) -> tuple[list, tuple[Task, ...]]:
     specs = load_task_list(path)
     return specs, tuple(load_task(s, limit=limit) for s in specs)
+
+
+def check_val_tasks(task_list: str, limit: int | None = 100) -> None:
+    """Load the task list and every task's data now (before training), so a missing or malformed file fails at
+    once with its name instead of at the first validation."""
+    if not Path(task_list).is_file():
+        raise FileNotFoundError(f"model.val_tasks={task_list} does not exist; point it at an MMEB-format task list "
+                                "(e.g. configs/eval/mmeb.yaml) or set it to null")
+    try:
+        _tasks(task_list, limit)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model.val_tasks={task_list}: {e}") from e
 
 
 def run_val_tasks(tokenizer: PreTrainedTokenizerBase, backbone: nn.Module, task_list: str, image_policy: str,

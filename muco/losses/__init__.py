@@ -1,4 +1,4 @@
-"""Contrastive losses and the gradient-carrying gather (pure torch; METHOD.md §7-§8)."""
+"""Contrastive losses and the gradient-carrying gather (pure torch; docs/method.md §7-§8)."""
 
 from muco.losses.finetune import TERM_NAMES, blockwise_loss, joint_masked_loss
 from muco.losses.gather import (

@@ -1,4 +1,4 @@
-"""Fine-tuning losses over the two embeddings per side (METHOD.md §8.3).
+"""Fine-tuning losses over the two embeddings per side (docs/method.md §8.3).
 
 Each sample i gives a query q_i, its reconstruction-augmented form q'_i, a target p_i and its form p'_i
 (+ an optional hard negative). Targets and negatives are gathered from all ranks with gradient; N = W·B
@@ -11,7 +11,7 @@ columns per form.
   target columns of both forms plus negatives, with the other form of the positive masked (§7 mask, group =
   sample id). The code's sum is 4× the paper's mean, so compare learning rates with that in mind.
 
-Missing hard negatives are masked columns (``negative_valid``), METHOD.md §8.4.
+Missing hard negatives are masked columns (``negative_valid``), docs/method.md §8.4.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def blockwise_loss(
         positive_text_id: optional int [B], hash of each sample's target text; masks hard negatives with an
             equal ``negative_text_id``, and with ``mask_same_text`` other samples' targets with the same text.
         negative_text_id: optional int [M_local].
-        mask_same_text: off by default (METHOD.md §8.3).
+        mask_same_text: off by default (docs/method.md §8.3).
         group: process group (default world).
 
     Returns:

@@ -17,7 +17,7 @@ __all__ = ["HardNegatives", "gather_hard_negatives", "group_mask"]
 
 
 def group_mask(row_group: Tensor, col_group: Tensor, pos: Tensor) -> Tensor:
-    """Mask columns that share the row's group but are not its positive (METHOD.md §7 logit masking).
+    """Mask columns that share the row's group but are not its positive (docs/method.md §7 logit masking).
 
     Args:
         row_group: group id of each row [r] (any integer id: global image id in pretraining, sample id or
@@ -57,7 +57,7 @@ def gather_hard_negatives(
     Args:
         negatives: local negatives [m, d]; every rank must pass the same m (validated).
         n_rows: number of local loss rows the columns are appended to.
-        negative_valid: bool [m]; False marks a missing negative (masked, METHOD.md §8.4).
+        negative_valid: bool [m]; False marks a missing negative (masked, docs/method.md §8.4).
         row_text_id: int [n_rows], text id (hash) of each row's positive; with ``negative_text_id`` [m], a
             negative whose text equals the row's positive is masked (it would be a false negative). Ignored
             without ``negative_text_id``.

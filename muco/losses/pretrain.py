@@ -1,4 +1,4 @@
-"""Pretraining loss: multi-turn InfoNCE with logit masking (METHOD.md §7).
+"""Pretraining loss: multi-turn InfoNCE with logit masking (docs/method.md §7).
 
 Row i (a local ``<|emb|>`` slot of a query) has group id g(i) (global id of its image) and positive column
 c(i) = rank_offset + i among the gathered targets. With s_ij the cosine of query i and global target j:

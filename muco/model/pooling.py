@@ -1,4 +1,4 @@
-"""Embedding pooling: the last hidden state at every ``<|emb|>`` token (METHOD.md §6)."""
+"""Embedding pooling: the last hidden state at every ``<|emb|>`` token (docs/method.md §6)."""
 
 from __future__ import annotations
 

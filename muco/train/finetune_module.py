@@ -1,4 +1,4 @@
-"""FinetuneModule: single-pair adaptation by guided in-context reconstruction (METHOD.md §8).
+"""FinetuneModule: single-pair adaptation by guided in-context reconstruction (docs/method.md §8).
 
 Per step, three forwards of the shared encoder: the query sequences ``TRAIN(q, masked(p))`` and the target
 sequences ``TRAIN(p, masked(q))`` (two ``<|emb|>`` each: turn 1 gives q / p, turn 3 gives q' / p'), and the
@@ -41,7 +41,7 @@ class FinetuneModule(MuCoModule):
             each over one target family plus the hard negatives) or ``joint_masked`` (paper: the mean over the
             4B augmented pairs of one softmax over both target forms, the positive's other form masked).
         hard_negatives: encode each sample's drawn hard negative and append the gathered negatives as extra
-            columns to every term (METHOD.md §8.4).
+            columns to every term (docs/method.md §8.4).
         released_placeholder: a sample without a negative contributes the released code's empty prompt
             ``"\\n"`` as a real (junk) negative column; by default that column is masked.
         init_from: a muco ``.ckpt`` (pretraining run) whose trained weights start the fine-tuning.

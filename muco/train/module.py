@@ -1,4 +1,4 @@
-"""MuCoModule: the multi-turn contrastive LightningModule (METHOD.md §7, §11)."""
+"""MuCoModule: the multi-turn contrastive LightningModule (docs/method.md §7, §11)."""
 
 from __future__ import annotations
 
@@ -167,6 +167,12 @@ class MuCoModule(LightningModule):
         """Images, pairs and tokens of a batch for throughput logging (a hook for other batch layouts)."""
         return batch_counts(batch)
 
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.val_tasks is not None:  # fail now, not at the first validation
+            from muco.eval.validation import check_val_tasks
+
+            check_val_tasks(self.val_tasks, self.val_task_limit)
+
     def configure_model(self) -> None:
         if getattr(self, "device_mesh", None) is None or self._sharded:
             return  # DDP / single device: nothing to shard
@@ -236,6 +242,12 @@ class MuCoModule(LightningModule):
         stats = batch.get("stats")
         if stats and "skipped_total" in stats:  # counted by the DataModule over the batches training took
             self.log("train/skipped_samples", float(stats["skipped_total"]), batch_size=1)
+
+    def on_train_epoch_end(self) -> None:
+        # skips after a worker's last batch of the epoch reach no batch: read the DataModule's count
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "skipped_total"):
+            self.log("train/skipped_samples_total", float(datamodule.skipped_total()), batch_size=1)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.parameters() if p.grad is not None]

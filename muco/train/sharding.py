@@ -11,7 +11,7 @@ def fully_shard_backbone(backbone: nn.Module, device_mesh, mixed_precision=None)
     """Shard every vision block and decoder layer, then the module whose forward is called.
 
     A root `fully_shard` on the LightningModule would never run its pre-forward hook (the step calls
-    `backbone(...)`), which mixes DTensors and tensors in the embedding lookup (STACK.md §7).
+    `backbone(...)`), which mixes DTensors and tensors in the embedding lookup and fails.
     """
     from torch.distributed.fsdp import fully_shard
 

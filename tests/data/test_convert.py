@@ -130,8 +130,10 @@ def test_convert_jsonl_with_pool_and_max_side(tmp_path, rec_json, photos):
     im = Image.open(io.BytesIO(big["jpg"]))
     assert im.format == "JPEG" and max(im.size) == 128
     assert read_shard(out / "s-001.tar")["a"]["jpg"] == (root / "a.jpg").read_bytes()
-    rows = [json.loads(x)["row"] for x in (out / "rejects.jsonl").read_text().splitlines()]
-    assert rows == [3, None, 5, 6]  # JSONL rejects name the line (the duplicate is found by the writer)
+    rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
+    # JSONL rejects name the line, also the duplicate (found by the writer)
+    assert [r["line"] for r in rejects] == [3, 4, 5, 6]
+    assert rejects[1]["message"] == "line 4: record 'a': key already written"
 
 
 def test_failed_conversion_leaves_no_half_shard(tmp_path, rec_json, photos, monkeypatch):

@@ -64,7 +64,7 @@ def test_non_resampled_epoch_of_one_pass_has_no_duplicates(make_shards):
 
 
 def test_spawned_workers_split_by_the_explicit_rank(make_shards):
-    """Spawned workers do not inherit a process group; the split must not depend on one (STACK.md §9)."""
+    """Spawned workers inherit no process group: the split must not rely on one (split_by_node would not split)."""
     pattern, keys, manifest = make_shards(n_shards=4, per_shard=2)
     dm = M3TDataModule(str(manifest), batch_size=2, num_workers=1, resampled=False, **TINY)
     dm.setup("fit")
@@ -245,8 +245,10 @@ def test_bad_samples_are_skipped_counted_and_logged(tmp_path, jpegs, rec_json, c
     assert max(b["stats"]["skipped"] for b in batches) <= 6
     # warnings name shard and key; rate-limited: the first 5 in full, the 6th within 30 s suppressed
     bad = {"corrupt": 0, "nojson": 0, "fiveturns": 0, "emptyq": 0, "badjson": 0, "good7": 1}
-    assert len(caplog.records) == 5
-    for rec in caplog.records:
+    assert len(caplog.records) == 6
+    # the pass ends with the count of warnings held back, so no skip goes unmentioned
+    assert caplog.records[-1].getMessage() == "worker r0w0: 1 more skipped samples not shown (6 skipped in this pass)"
+    for rec in caplog.records[:-1]:
         msg = rec.getMessage()
         key = msg.split("'")[1]
         assert msg.startswith(f"skipped sample '{key}' of shard {shards[bad[key]]}: ")
@@ -323,8 +325,10 @@ def test_early_errors(make_shards, tmp_path, monkeypatch):
         _setup_error(train_shards=str(bad))
     with pytest.raises(FileNotFoundError, match="manifest .* does not exist"):
         _setup_error(train_shards=str(tmp_path / "missing.json"))
-    with pytest.raises(ValueError, match=r"turns_per_sample=8 .* only 7 turns"):
-        _setup_error(train_shards=pattern, turns_per_sample=8)
+    with pytest.raises(ValueError, match=r"turns_per_sample=8 but the records of data.train_shards have 7 turns"):
+        _setup_error(train_shards=str(manifest), turns_per_sample=8)
+    with pytest.raises(ValueError, match=r"turns_per_record=6 but the manifest .* says its records have 7 turns"):
+        _setup_error(train_shards=str(manifest), turns_per_record=6)
     with pytest.raises(ValueError, match="smaller than world_size\\*batch_size"):
         _setup_error(train_shards=pattern, samples_per_epoch=1)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
@@ -460,3 +464,78 @@ def test_negatives_sidecar_errors_are_early_and_clear(make_shards, tmp_path):
         setup(bad)
     with pytest.raises(ValueError, match="band must be"):
         M3TDataModule(str(manifest), negatives={"sidecar": str(bad), "band": [0, 3]})
+
+
+def _shard(path: Path, records: list[tuple[str, dict]], jpegs) -> str:
+    with tarfile.open(path, "w") as tar:
+        for i, (key, rec) in enumerate(records):
+            for ext, data in (("jpg", jpegs[i % len(jpegs)]), ("json", json.dumps(rec).encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("first_turns", [8, 3])
+def test_the_turn_count_is_the_sources_not_the_first_records(tmp_path, jpegs, rec_json, first_turns):
+    """An odd first record is the one skipped; the 7-turn records after it all train."""
+    from muco.data.shards import write_manifest
+
+    good = [f"good{i}" for i in range(6)]
+    records = [("odd", rec_json("odd", turns=first_turns))] + [(k, rec_json(k)) for k in good]
+    url = _shard(tmp_path / "s-000000.tar", records, jpegs)
+    manifest = write_manifest(tmp_path / "manifest.json", [{"name": url, "num_samples": 7}], turns=7)
+    for spec, kw in ((str(manifest), {}), (url, {"turns_per_record": 7})):
+        dm = M3TDataModule(spec, batch_size=2, num_workers=0, resampled=False, turns_per_sample=3,
+                           samples_per_epoch=6, **kw, **TINY)
+        dm.setup("fit")
+        batches = list(dm.train_dataloader())
+        assert sorted(keys_of(batches)) == good
+        assert batches[-1]["stats"]["skipped"] == 1
+
+
+def test_empty_tars_stop_with_an_error_instead_of_spinning(tmp_path):
+    """Valid tars without members, drawn with replacement forever: a clear error, quickly."""
+    import time
+
+    urls = []
+    for i in range(3):
+        with tarfile.open(tmp_path / f"empty-{i}.tar", "w"):
+            pass
+        urls.append(str(tmp_path / f"empty-{i}.tar"))
+    dm = M3TDataModule(urls, batch_size=2, num_workers=0, resampled=True, samples_per_epoch=8, **TINY)
+    dm.setup("fit")
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"1000 shards in a row held no sample .*check data.train_shards"):
+        next(iter(dm.train_dataloader()))
+    assert time.monotonic() - t0 < 30
+
+
+def test_a_manifest_of_zero_samples_fails_in_setup(tmp_path):
+    from muco.data.shards import write_manifest
+
+    with tarfile.open(tmp_path / "e-0.tar", "w"):
+        pass
+    manifest = write_manifest(tmp_path / "manifest.json", [{"name": str(tmp_path / "e-0.tar"), "num_samples": 0}])
+    with pytest.raises(ValueError, match="the manifests list 0 samples"):
+        _setup_error(train_shards=str(manifest))
+
+
+def test_length_bounds_skip_a_sample_instead_of_widening_its_batch(tmp_path, jpegs, rec_json):
+    """One 4,000-character target would widen its whole batch tenfold: over the configured bounds it is skipped."""
+    long_target = rec_json("long_target")
+    long_target["turns"][2]["target"] = "word " * 800  # 4,000 characters
+    long_sequence = rec_json("long_sequence")
+    for t in long_sequence["turns"]:
+        t["target"] = "y" * 900  # each text fine, the target sequence 7 x 900 characters
+    good = [f"good{i}" for i in range(4)]
+    url = _shard(tmp_path / "s-000000.tar", [("long_target", long_target), ("long_sequence", long_sequence)]
+                 + [(k, rec_json(k)) for k in good], jpegs)
+    dm = M3TDataModule(url, batch_size=1, num_workers=0, resampled=False, turns_per_sample=7,
+                       max_text_chars=2000, max_sequence_chars=6000, **TINY)
+    dm.setup("fit")
+    ds = dm.make_dataset("train")
+    batches = list(DataLoader(ds, batch_size=None, num_workers=0))
+    assert sorted(keys_of(batches)) == good and ds.position.skipped == 2
+    widest = max(b["target"]["input_ids"].shape[1] for b in batches)
+    assert widest < 400  # tokens: the 4,000-character target never reached a batch

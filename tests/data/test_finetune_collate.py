@@ -1,4 +1,4 @@
-"""Fine-tuning sequences: two <|emb|> each, and the first one is the inference (BASE) embedding (METHOD.md §4)."""
+"""Fine-tuning sequences: two <|emb|> each, and the first one is the inference (BASE) embedding (docs/method.md §4)."""
 
 from __future__ import annotations
 

@@ -151,3 +151,28 @@ def test_embeddings_equal_through_both_paths(tiny_tok, photos, big_photos, dtype
         a = embedder(inputs, 1).emb
         b = embedder(float_inputs, 1).emb
     assert torch.equal(a, b)
+
+
+def test_every_image_mode_keeps_its_contrast():
+    """16-bit and 32-bit grey, float, palette with transparency, alpha and CMYK: converted to RGB with their real
+    contrast (`convert("RGB")` clips 16-bit scans to nearly white and drops alpha)."""
+    from muco.data.image_policy import to_rgb
+
+    ramp = np.linspace(0, 1, 64 * 64).reshape(64, 64)
+    png16 = io.BytesIO()
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(png16, format="PNG")
+    as_read = Image.open(io.BytesIO(png16.getvalue()))
+    assert as_read.mode.startswith("I")
+    assert np.asarray(as_read.convert("RGB")).mean() > 250  # the fault: nearly white
+    for image in (as_read, Image.fromarray((ramp * 1e6).astype(np.int32), mode="I"),
+                  Image.fromarray(ramp.astype(np.float32), mode="F")):
+        rgb = np.asarray(to_rgb(image))
+        assert rgb.shape == (64, 64, 3) and rgb.min() <= 1 and rgb.max() >= 254 and 120 < rgb.mean() < 135
+    clear = Image.new("RGBA", (8, 8), (0, 0, 0, 0))  # fully transparent black: white once composited
+    assert np.asarray(to_rgb(clear)).min() == 255
+    pal = Image.new("P", (8, 8), 0)
+    pal.putpalette([0, 0, 0, 200, 10, 10])
+    pal.info["transparency"] = 0
+    assert np.asarray(to_rgb(pal)).min() == 255
+    cmyk = Image.new("CMYK", (8, 8), (0, 255, 255, 0))  # pure red
+    assert tuple(np.asarray(to_rgb(cmyk))[0, 0]) == (255, 0, 0)

@@ -41,8 +41,12 @@ def test_method_md_check_with_muco_7b_meta_scores():
 
 def test_partial_results_and_unknown_tasks():
     agg = aggregate({"A": 1.0, "C": 0.0}, SPECS)
-    assert agg["meta_tasks"]["grounding"] == {"score": None, "n": 0, "expected": 1}
-    assert agg["overall"] == {"score": 0.5, "n": 2, "expected": 7}
+    assert agg["meta_tasks"]["grounding"] == {"score": None, "n": 0, "expected": 1, "partial": True,
+                                              "missing": ["G"]}
+    assert agg["overall"] == {"score": 0.5, "n": 2, "expected": 7, "partial": True,
+                              "missing": ["B", "D", "E", "F", "G"]}
+    assert agg["meta_tasks"]["vqa"]["partial"] is False and agg["meta_tasks"]["vqa"]["missing"] == []
+    assert aggregate(SCORES, SPECS)["overall"]["partial"] is False
     with pytest.raises(ValueError, match="not in the task list"):
         aggregate({"Z": 1.0}, SPECS)
 
@@ -61,3 +65,18 @@ def test_format_table_is_aligned_and_holds_the_aggregates():
     grounding = next(line for line in lines if line.startswith("Visual grounding"))
     assert grounding.rstrip().endswith("-")
     assert next(line for line in lines if line.startswith("G ")).split()[3] == "-"
+    assert lines[-1] == "partial: 6 of 7 datasets scored; the aggregates average only those. Not scored: G"
+    assert "partial" not in format_table({k: {"precision@1": v} for k, v in SCORES.items()}, SPECS)
+
+
+def test_format_table_marks_and_lists_failed_tasks():
+    results = {k: {"precision@1": v} for k, v in SCORES.items() if k not in "BG"}
+    table = format_table(results, SPECS, failed={"G": "task G, row 3 (qry_img_path), image /x.png: image file "
+                                                      "not found"})
+    lines = table.splitlines()
+    assert next(line for line in lines if line.startswith("G ")).split()[3] == "FAILED"
+    assert next(line for line in lines if line.startswith("B ")).split()[3] == "-"
+    assert lines[-2:] == [
+        "partial: 5 of 7 datasets scored; the aggregates average only those. Not scored: B, G (failed)",
+        "FAILED G: task G, row 3 (qry_img_path), image /x.png: image file not found",
+    ]

@@ -127,3 +127,43 @@ def test_real_tiny_model_matches_brute_force(tiny_encoder, image_dir):
             ranks.append(gold_rank(scores, torch.tensor([c.name == cands[0].name for c in cands])))
         assert res.gold_ranks == ranks, task.name
         assert res.metrics["precision@1"] == pytest.approx(sum(r == 1 for r in ranks) / len(ranks))
+
+
+def test_image_errors_name_the_task_row_column_and_file(image_dir, tmp_path):
+    """A missing image is found before anything is encoded; a truncated or corrupt one when it is read."""
+    from muco.eval.errors import EvalDataError
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(3):
+        (imgs / f"{i}.png").write_bytes((image_dir / f"{i}.png").read_bytes())
+
+    def t2i(paths_per_row):
+        queries = [MMEBQuery(qry_inst="Find me an image:", qry_text=f"caption {i}", qry_img_path="",
+                             tgt_inst="<|image_1|>\nRepresent the given image.", tgt_text=("",) * len(p),
+                             tgt_img_path=tuple(p)) for i, p in enumerate(paths_per_row)]
+        return Task(TaskSpec("T2I", "retrieval", "ind", "image", image_root=imgs), queries)
+
+    calls = []
+
+    def enc(texts, images):
+        calls.append(len(texts))
+        return torch.randn(len(texts), 4)
+
+    task = t2i([["0.png", "1.png"], ["1.png", "gone.png", "2.png"], ["gone.png", "also_gone.png"]])
+    with pytest.raises(EvalDataError) as e:
+        evaluate_task(enc, task, batch_size=2)
+    err = e.value
+    assert (err.task, err.row, err.column, err.file) == ("T2I", 1, "tgt_img_path[1]", str(imgs / "gone.png"))
+    assert str(err) == (f"task T2I, row 1 (tgt_img_path[1]), image {imgs / 'gone.png'}: image file not found "
+                        "(and 1 more missing image)")
+    assert calls == []  # found before any encoding
+
+    data = (imgs / "2.png").read_bytes()
+    (imgs / "2.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(EvalDataError, match=r"task T2I, row 1 \(tgt_img_path\[1\]\), image .*2.png: "
+                                            r"truncated or corrupt image \(OSError: image file is truncated"):
+        evaluate_task(enc, t2i([["0.png", "1.png"], ["1.png", "2.png"]]), batch_size=2)
+    (imgs / "2.png").write_bytes(b"GIF89a but not really")
+    with pytest.raises(EvalDataError, match=r"row 1 \(tgt_img_path\[1\]\), image .*2.png: not an image"):
+        evaluate_task(enc, t2i([["0.png", "1.png"], ["1.png", "2.png"]]), batch_size=2)

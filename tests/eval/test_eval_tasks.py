@@ -112,3 +112,33 @@ def test_load_task_with_limit(tmp_path):
     jl.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     task = load_task(TaskSpec("X", "classification", "ind", data=jl), limit=1)
     assert task.name == "X" and len(task.queries) == 1
+
+
+def test_malformed_data_errors_name_the_file_line_and_row(tmp_path):
+    from muco.eval.errors import EvalDataError
+
+    good = json.dumps(ROWS[0])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(good + "\n\n" + good[:-5] + "\n")
+    with pytest.raises(EvalDataError) as e:
+        load_queries(bad)
+    assert (e.value.file, e.value.row) == (str(bad), 1)
+    assert str(e.value) == (f"row 1, data {bad}: line 3 is not valid JSON "
+                            f"(Expecting value at character {len(good) - 4})")
+    raw = tmp_path / "latin1.jsonl"
+    raw.write_bytes(good.encode() + b"\n" + good.replace("cat", "caf\xe9").encode("latin-1") + b"\n")
+    with pytest.raises(EvalDataError, match=r"row 1, data .*latin1.jsonl: line 2 is not UTF-8"):
+        load_queries(raw)
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(EvalDataError, match="broken.parquet: cannot read the parquet file"):
+        load_queries(broken)
+    # a task names itself in every data error
+    spec = TaskSpec("Toy", "classification", "ind", data=tmp_path / "nope")
+    with pytest.raises(EvalDataError, match=r"^task Toy, data .*nope: does not exist$") as e:
+        load_task(spec)
+    assert (e.value.task, e.value.file, e.value.row) == ("Toy", str(tmp_path / "nope"), None)
+    spec = TaskSpec("Toy", "classification", "ind", data=bad)
+    with pytest.raises(EvalDataError, match=r"^task Toy, row 1, data .*bad.jsonl: line 3 is not valid JSON") as e:
+        load_task(spec)
+    assert (e.value.task, e.value.row) == ("Toy", 1)

@@ -1,4 +1,4 @@
-"""Exact strings of the MMEB rules (METHOD.md §12)."""
+"""Exact strings of the MMEB rules (docs/method.md §12)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fine-tuning losses (METHOD.md §8.3) against naive loop references."""
+"""Fine-tuning losses (docs/method.md §8.3) against naive loop references."""
 
 from __future__ import annotations
 

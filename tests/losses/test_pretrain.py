@@ -1,4 +1,4 @@
-"""Pretraining loss (METHOD.md §7) against a naive loop reference with explicit column sets A(i)."""
+"""Pretraining loss (docs/method.md §7) against a naive loop reference with explicit column sets A(i)."""
 
 from __future__ import annotations
 

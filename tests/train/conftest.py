@@ -1,4 +1,4 @@
-"""Helpers to run the real `muco` CLI in a subprocess (never in-process DDP inside pytest, STACK.md §7)."""
+"""Helpers to run the real `muco` CLI in a subprocess (never in-process DDP in pytest: its rank 1 reruns pytest)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """2-process DDP and FSDP2 runs (real CLI, gloo on CPU) compute the gradients of one process on the union
-batch: the gradient-carrying gather and DDP averaging together give the full-batch gradient (METHOD.md §7)."""
+batch: the gradient-carrying gather and DDP averaging together give the full-batch gradient (docs/method.md §7)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """2-process DDP fine-tuning (real CLI, gloo on CPU) computes the gradients of one process on the union batch,
-hard negatives gathered with gradient across ranks and missing negatives masked (METHOD.md §8.3, §8.4)."""
+hard negatives gathered with gradient across ranks and missing negatives masked (docs/method.md §8.3, §8.4)."""
 
 from __future__ import annotations
 

@@ -76,3 +76,39 @@ def test_config_typo_fails_with_jsonargparse_message(muco_cli, demo_data, tmp_pa
     bad.write_text("model:\n  init_args:\n    temprature: 0.05\n")
     res = muco_cli("fit", "--config", CONFIG, "--config", str(bad), *data_args(demo_data), cwd=tmp_path)
     assert res.returncode != 0 and "temprature" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_errors_are_one_line_with_the_fix_and_no_traceback(muco_cli, demo_data, tmp_path):
+    (tmp_path / "bad.ckpt").write_bytes(b"cut short")
+    cases = {
+        "--model.init_args.backbone.preset=nope": "unknown backbone preset 'nope'; choose one of",
+        f"--model.init_args.init_from={demo_data}/train/train-000000.tar": "is not a checkpoint file",
+        f"--ckpt_path={tmp_path / 'bad.ckpt'}": "is not a complete checkpoint",
+        "--model.init_args.val_tasks=nowhere.yaml": "model.val_tasks=nowhere.yaml does not exist",
+        "--trainer.default_root_dir=/proc/muco-run": "the run directory /proc/muco-run is not writable",
+    }
+    for arg, message in cases.items():
+        res = muco_cli("fit", "--config", CONFIG, *data_args(demo_data), "--trainer.max_steps=1", arg, cwd=tmp_path)
+        assert res.returncode == 1, (arg, res.stderr[-2000:])
+        assert "Traceback" not in res.stderr, (arg, res.stderr[-2000:])
+        line = next(ln for ln in res.stderr.splitlines() if ln.startswith("muco fit: error: "))
+        assert message in line, (arg, line)
+    assert not (tmp_path / "runs" / "tiny" / "checkpoints").exists(), "nothing was trained"
+
+
+def test_the_message_is_muco_s_own_through_library_wrappers():
+    from muco.cli import user_message
+    from muco.model.backbone import BackboneConfig, build_backbone
+    from muco.model.tokenizer import build_tokenizer
+
+    try:
+        try:
+            build_backbone(BackboneConfig(preset="nope"), build_tokenizer("tiny"))
+        except ValueError as inner:
+            raise ValueError("Does not validate against any of the Union subtypes\nGiven value: ...") from inner
+    except ValueError as wrapped:
+        assert user_message(wrapped).startswith("unknown backbone preset 'nope'")
+    try:
+        int("x")
+    except ValueError as plain:  # nothing of muco's: the library's message, with its type
+        assert user_message(plain) == "ValueError: invalid literal for int() with base 10: 'x'"

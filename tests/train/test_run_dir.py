@@ -5,13 +5,17 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from muco.train.run_dir import default_run_dir, newest_checkpoint, resolve_resume
 
 
-def touch(path, mtime: int):
+def touch(path, mtime: int, complete: bool = True):
+    """A checkpoint-shaped file (torch.save's zip format), or a cut-short one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"x")
+    torch.save({"global_step": mtime}, path)
+    if not complete:
+        path.write_bytes(path.read_bytes()[:40])
     os.utime(path, (mtime, mtime))
     return path
 
@@ -28,11 +32,17 @@ def test_the_newest_checkpoint_wins_hpc_or_not(tmp_path):
     assert resolve_resume(tmp_path, None) == str(last)
     # a distributed (FSDP2) checkpoint directory counts once it is complete
     dcp = tmp_path / "checkpoints" / "step=20.ckpt"
-    touch(dcp / "__0_0.distcp", 400)
+    (dcp / "__0_0.distcp").parent.mkdir(parents=True)
+    (dcp / "__0_0.distcp").write_bytes(b"shard")
     assert resolve_resume(tmp_path, None) == str(last)
-    touch(dcp / ".metadata", 400)
+    (dcp / ".metadata").write_bytes(b"meta")
     os.utime(dcp, (400, 400))
     assert resolve_resume(tmp_path, None) == str(dcp)
+    # a newer file cut short (a save from before atomic writes, a full disk) is passed over
+    touch(tmp_path / "hpc_ckpt_2.ckpt", 500, complete=False)
+    assert resolve_resume(tmp_path, None) == str(dcp)
+    with pytest.raises(ValueError, match="is not a complete checkpoint"):
+        resolve_resume(tmp_path, str(tmp_path / "hpc_ckpt_2.ckpt"))
 
 
 def test_explicit_requests_fail_early_with_the_fix(tmp_path):
