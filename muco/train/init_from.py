@@ -92,6 +92,8 @@ def weight_settings(hparams: dict[str, Any]) -> dict[str, Any]:
 def resume_mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``"key: saved -> current"`` for every weight setting a resumed run would change (empty: compatible)."""
     a, b = weight_settings(saved), weight_settings(current)
+    if a["tokenizer"] is None:  # checkpoints written before the tokenizer was recorded resolved
+        a["tokenizer"] = b["tokenizer"]
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 

@@ -137,3 +137,17 @@ def test_resume_with_another_backbone_refuses_naming_the_key(demo_data, tmp_path
                          capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
     assert "backbone.seed" in res.stderr and "0 -> 1" in res.stderr, res.stderr[-3000:]
+
+
+def test_weight_settings_that_refuse_a_resume():
+    from muco.train.init_from import resume_mismatches
+
+    saved = {"tokenizer": "tiny", "backbone": {"preset": "tiny", "seed": 0,
+                                               "adapter": {"kind": "lora", "r": 4, "alpha": 8}}}
+    same = {**saved, "backbone": {**saved["backbone"], "gradient_checkpointing": True, "dtype": "bfloat16"}}
+    assert resume_mismatches(saved, same) == []  # runtime choices may change between restarts
+    other = {"tokenizer": "qwen-offline", "backbone": {"preset": "tiny", "seed": 0,
+                                                      "adapter": {"kind": "dora", "r": 4, "alpha": 8}}}
+    assert resume_mismatches(saved, other) == ["backbone.adapter.kind: 'lora' -> 'dora'",
+                                               "tokenizer: 'tiny' -> 'qwen-offline'"]
+    assert resume_mismatches({**saved, "tokenizer": None}, saved) == []  # not recorded by older checkpoints
