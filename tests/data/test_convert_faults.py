@@ -201,6 +201,24 @@ def test_existing_manifest_needs_overwrite(tmp_path, root, rec_json):
     assert resolve_shards(str(out / "manifest.json")).urls == [str(out / "s-000000.tar")]
 
 
+def survivors_after(children: dict[int, str], seconds: float) -> dict[int, str]:
+    """The children still alive after waiting up to ``seconds`` for them to go."""
+    end = time.monotonic() + seconds
+    while any(alive(p) for p in children) and time.monotonic() < end:
+        time.sleep(0.1)
+    return {p: c for p, c in children.items() if alive(p)}
+
+
+def reap(proc, children: dict[int, str]) -> None:
+    """Leave nothing running, whatever the test's outcome."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+    for p in children:
+        if alive(p):
+            os.kill(p, signal.SIGKILL)
+
+
 # -- 2. killing the converter stops its workers --------------------------------------------------------------------
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=lambda s: s.name)
 def test_killed_converter_leaves_no_worker(tmp_path, root, rec_json, sig):
@@ -213,19 +231,11 @@ def test_killed_converter_leaves_no_worker(tmp_path, root, rec_json, sig):
         time.sleep(1.0)  # workers initialised; one of them blocks on the FIFO
         children = descendants(proc.pid)
         os.kill(proc.pid, sig)
-        proc.wait(15)
-        end = time.monotonic() + 10
-        while any(alive(p) for p in children) and time.monotonic() < end:
-            time.sleep(0.1)
-        survivors = {p: c for p, c in children.items() if alive(p)}
+        proc.wait(60)
+        survivors = survivors_after(children, 10)
         assert not survivors, f"{sig.name}: children outlived the converter: {survivors}"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        for p in children:
-            if alive(p):
-                os.kill(p, signal.SIGKILL)
+        reap(proc, children)
     if sig != signal.SIGKILL:  # handled: one line that names the problem and the fix, no traceback
         err = proc.stderr.read()
         assert proc.returncode == 128 + sig, err
@@ -243,18 +253,10 @@ def test_dead_worker_stops_the_conversion(tmp_path, root, rec_json):
         time.sleep(1.0)
         children = descendants(proc.pid)
         os.kill(min(workers_of(proc.pid)), signal.SIGKILL)
-        proc.wait(15)
-        end = time.monotonic() + 10
-        while any(alive(p) for p in children) and time.monotonic() < end:
-            time.sleep(0.1)
-        assert not [p for p in children if alive(p)]
+        proc.wait(60)
+        assert not survivors_after(children, 10)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        for p in children:
-            if alive(p):
-                os.kill(p, signal.SIGKILL)
+        reap(proc, children)
     err = proc.stderr.read()
     assert proc.returncode == 2 and err.count("\n") == 1 and "worker process died" in err, err
 
