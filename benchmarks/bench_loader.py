@@ -36,9 +36,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from muco.data.datamodule import M3TDataModule
-from muco.data.image_policy import ImagePolicy
 from muco.data.shards import ShardWriter, write_manifest
 from muco.data.stream import decode_sample
+from muco.inputs.image_policy import ImagePolicy
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
           "stereo_motorcycle", "cat", "colorwheel", "camera", "coins", "moon", "text", "page", "grass")

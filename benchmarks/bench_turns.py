@@ -56,10 +56,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _shapes import Arch, StepShape, forward_flops, m3t_record, photos, split, step_flops  # noqa: E402
 
-from muco.data.collate import PretrainCollator, PretrainSample  # noqa: E402
-from muco.data.image_policy import PRESETS as POLICIES  # noqa: E402
-from muco.data.image_policy import ImagePolicy  # noqa: E402
-from muco.data.turns import draw_turns, sample_rng  # noqa: E402
+from muco.data.m3t.collate import PretrainCollator, PretrainSample  # noqa: E402
+from muco.data.m3t.turns import draw_turns
+from muco.data.seeds import sample_rng
+from muco.inputs.image_policy import PRESETS as POLICIES  # noqa: E402
+from muco.inputs.image_policy import ImagePolicy  # noqa: E402
 from muco.losses.pretrain import pretrain_loss  # noqa: E402
 from muco.model import backbone as backbone_mod  # noqa: E402
 from muco.model.backbone import AdapterConfig, BackboneConfig, build_backbone, unwrap_qwen2vl  # noqa: E402

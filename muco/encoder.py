@@ -21,9 +21,9 @@ from PIL import Image
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from muco.data.collate import SequenceEncoder, check_user_text
-from muco.data.image_policy import ImagePolicy, to_rgb
-from muco.data.templates import EMB_TOKEN, IMG, base_template, single_turn_user_text
+from muco.inputs.image_policy import ImagePolicy, to_rgb
+from muco.inputs.sequence import SequenceEncoder, check_user_text
+from muco.inputs.templates import EMB_TOKEN, IMG, base_template, single_turn_user_text
 from muco.model.backbone import unwrap_qwen2vl
 from muco.model.embedder import Embedder
 from muco.model.tokenizer import SpecialTokenIds, add_muco_tokens

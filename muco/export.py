@@ -8,11 +8,9 @@ added tokens), ``preprocessor_config.json`` (``Qwen2VLImageProcessorPil`` with t
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
-from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,9 +18,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase, Qwen2VLModel
 
-from muco.data.image_policy import ImagePolicy
-from muco.data.templates import EMB_TOKEN, IMG, MASK_TOKEN, base_template
-from muco.encoder import MUCO_CONFIG, as_dtype, load_encoder
+from muco.encoder import MUCO_CONFIG, as_dtype
+from muco.inputs.image_policy import ImagePolicy
+from muco.inputs.templates import EMB_TOKEN, IMG, MASK_TOKEN, base_template
 from muco.model.embedder import Embedder
 from muco.model.tokenizer import SpecialTokenIds
 
@@ -160,23 +158,3 @@ def export(
     (out / "README.md").write_text(model_card(ids, image_policy, hidden, wdtype))
     log.info("exported %s (%s, d=%d) to %s", type(merged).__name__, wdtype, hidden, out)
     return out
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``muco export --checkpoint PATH --output DIR [--dtype D] [--image-policy NAME] [--overwrite]``."""
-    p = argparse.ArgumentParser(prog="muco export", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="anything muco.encoder.load_encoder accepts")
-    p.add_argument("--output", required=True, help="directory to write")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="weights dtype of the export (default: keep)")
-    p.add_argument("--image-policy", default=None,
-                   help="image policy preset to record (default: the checkpoint's own)")
-    p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    kw = {} if args.image_policy is None else {"image_policy": args.image_policy}
-    enc = load_encoder(args.checkpoint, device="cpu", **kw)
-    export(enc.backbone, enc.tokenizer, enc.image_policy, args.output, dtype=args.dtype,
-           overwrite=args.overwrite, inplace=True)
-    print(f"exported to {args.output}")
-    return 0

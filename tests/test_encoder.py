@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from muco.data.collate import SequenceEncoder
-from muco.data.image_policy import ImagePolicy
-from muco.data.templates import IMG, base_template
 from muco.encoder import MuCoEncoder, load_encoder
+from muco.inputs.image_policy import ImagePolicy
+from muco.inputs.sequence import SequenceEncoder
+from muco.inputs.templates import IMG, base_template
 from muco.model.embedder import Embedder
 from muco.model.tokenizer import SpecialTokenIds
 from tests.adapted import adapted_tiny_backbone

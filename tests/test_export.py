@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from muco.data.image_policy import ImagePolicy
 from muco.encoder import MuCoEncoder
 from muco.export import export, main
+from muco.inputs.image_policy import ImagePolicy
 from muco.model.backbone import AdapterConfig, BackboneConfig, build_backbone
 from muco.model.tokenizer import SpecialTokenIds
 from tests.adapted import adapted_tiny_backbone

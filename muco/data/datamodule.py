@@ -12,9 +12,9 @@ union over ranks is the whole set. With fewer val shards than ranks every rank r
 work, same metrics). Ranks may then run different numbers of val batches: validation steps must not run
 per-step collectives; epoch-level ``self.log(..., sync_dist=True)`` is fine.
 
-Mined negatives (``negatives``, see :mod:`muco.data.negatives`): training samples also draw hard negatives
+Mined negatives (``negatives``, see :mod:`muco.data.m3t.negatives`): training samples also draw hard negatives
 from a ``muco mine`` sidecar (rank band, negatives per turn); batches then carry packed negative sequences
-(:class:`~muco.data.collate.PretrainCollator`). Validation batches never do.
+(:class:`~muco.data.m3t.collate.PretrainCollator`). Validation batches never do.
 
 Resume: ``state_dict`` holds every rank's exact position (epoch, batches consumed, and per dataloader worker the
 raw samples read and batches delivered, as of the last batch training took); after ``load_state_dict`` the
@@ -37,15 +37,15 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from muco.data.collate import PretrainCollator
-from muco.data.image_policy import ImagePolicy
-from muco.data.negatives import NegativeSampler, NegativesConfig, load_negatives
+from muco.data.m3t.collate import PretrainCollator
+from muco.data.m3t.negatives import NegativeSampler, NegativesConfig, load_negatives
+from muco.data.m3t.turns import TURN_ORDERS
 from muco.data.records import MAX_SEQUENCE_CHARS, MAX_TEXT_CHARS
 from muco.data.shards import ShardSet, is_remote, peek_first_json, resolve_shards
-from muco.data.skip_log import SKIP_FILE
+from muco.data.skips import SKIP_FILE
 from muco.data.stream import M3TStream, ResumePoint, SharedCounts, SharedEpoch, StreamConfig
-from muco.data.turns import TURN_ORDERS
 from muco.distributed import gather_objects
+from muco.inputs.image_policy import ImagePolicy
 
 log = logging.getLogger("muco.data")
 

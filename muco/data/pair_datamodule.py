@@ -10,11 +10,11 @@ import json
 import logging
 
 from muco.data.datamodule import M3TDataModule
-from muco.data.finetune_collate import FinetuneCollator
-from muco.data.image_policy import ImagePolicy
-from muco.data.masking import MaskingConfig
-from muco.data.pair_stream import PairStream
+from muco.data.pairs.collate import FinetuneCollator
+from muco.data.pairs.decode import PairStream
+from muco.data.pairs.masking import MaskingConfig
 from muco.data.shards import ShardSet, is_remote, peek_first_json
+from muco.inputs.image_policy import ImagePolicy
 
 log = logging.getLogger("muco.data")
 

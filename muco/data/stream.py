@@ -34,12 +34,15 @@ from webdataset.filters import _shuffle
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
-from muco.data.collate import BadSampleError, PretrainCollator, PretrainSample
-from muco.data.image_policy import MAX_ASPECT, ImagePolicy
-from muco.data.negatives import NegativeSampler
-from muco.data.records import MAX_SEQUENCE_CHARS, MAX_TEXT_CHARS, M3TRecord
-from muco.data.skip_log import SkipLog
-from muco.data.turns import apply_order, draw_turns_indexed, permute_turns, sample_rng, stable_seed
+from muco.data.m3t.collate import PretrainCollator, PretrainSample
+from muco.data.m3t.negatives import NegativeSampler
+from muco.data.m3t.records import M3TRecord
+from muco.data.m3t.turns import apply_order, draw_turns_indexed, permute_turns
+from muco.data.records import MAX_SEQUENCE_CHARS, MAX_TEXT_CHARS
+from muco.data.seeds import sample_rng, stable_seed
+from muco.data.skips import SkipLog
+from muco.inputs.image_policy import MAX_ASPECT, ImagePolicy
+from muco.inputs.sequence import BadSampleError
 
 log = logging.getLogger("muco.data")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")

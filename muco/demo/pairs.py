@@ -20,7 +20,7 @@ import random
 import sys
 from pathlib import Path
 
-from muco.data.pair_convert import convert_pairs, parse_list
+from muco.convert.pairs import convert_pairs, parse_list
 from muco.demo.build import build_demo_data, demo_ready
 from muco.demo.digits import TURNS, Digit, load_digits_images, split
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from muco.data.templates import EMB_TOKEN, IMAGE_PAD, IMG, MASK_TOKEN
+from muco.inputs.templates import EMB_TOKEN, IMAGE_PAD, IMG, MASK_TOKEN
 
 IMAGE_1 = "<|image_1|>"  # Phi-3-V style marker used in MMEB data
 

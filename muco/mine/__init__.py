@@ -3,5 +3,5 @@
 Modules: :mod:`~muco.mine.search` (chunked exact top-k), :mod:`~muco.mine.select` (filters and ranks),
 :mod:`~muco.mine.summary` (statistics), :mod:`~muco.mine.embed` (reading shards and embedding as in training),
 :mod:`~muco.mine.dist` (gathers), :mod:`~muco.mine.sidecar` (the on-disk format and its reader),
-:mod:`~muco.mine.cli` (the command).
+:mod:`~muco.cli.mine` (the command).
 """

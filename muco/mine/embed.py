@@ -31,11 +31,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, get_worker_info
 from tqdm import tqdm
 
-from muco.data.collate import PretrainCollator, PretrainSample
-from muco.data.image_policy import ImagePolicy
-from muco.data.records import M3TRecord
+from muco.data.m3t.collate import PretrainCollator, PretrainSample
+from muco.data.m3t.records import M3TRecord
 from muco.data.stream import M3TStream, StreamConfig, load_image, record_and_image
 from muco.encoder import MuCoEncoder
+from muco.inputs.image_policy import ImagePolicy
 
 log = logging.getLogger("muco.mine")
 

@@ -1,6 +1,6 @@
 """uint8 patches -> the float ``pixel_values`` Qwen2-VL's vision tower expects, on the tensor's own device.
 
-The data path (``muco.data.image_policy.patchify``) ships ``[patches, 3*14*14]`` uint8: a quarter of the
+The data path (``muco.inputs.image_policy.patchify``) ships ``[patches, 3*14*14]`` uint8: a quarter of the
 bytes of float32 and half again without the temporal copy, and no float work in the DataLoader workers.
 Here each value goes through a 3x256 lookup table built with the stock processor's own ``rescale`` and
 ``normalize`` (float64 rescale by 1/255, cast to float32, then ``(x - mean) / std`` in float32), so the result

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from muco.data.templates import EMB_TOKEN, IMAGE_PAD, MASK_TOKEN, VISION_END, VISION_START
+from muco.inputs.templates import EMB_TOKEN, IMAGE_PAD, MASK_TOKEN, VISION_END, VISION_START
 
 # Qwen2-VL's built-in specials after <|endoftext|> (151643), in id order: 151644..151656.
 QWEN2VL_SPECIAL_TOKENS = (

@@ -30,8 +30,8 @@ from typing import Any
 
 import yaml
 
-from muco.data.negatives import DifficultySchedule
 from muco.losses.temperature import TemperatureSchedule
+from muco.rounds.schedule import DifficultySchedule
 
 __all__ = ["RoundsConfig", "RoundSpec", "MineSpec", "round_temperatures"]
 

@@ -13,10 +13,10 @@ from muco.losses.temperature import Temperature, TemperatureSchedule
 from muco.model.backbone import BackboneConfig, build_backbone
 from muco.model.embedder import Embedder
 from muco.model.pooling import PooledEmbeddings
+from muco.model.sharding import fully_shard_backbone
 from muco.model.tokenizer import SpecialTokenIds, build_tokenizer
 from muco.train.init_from import check_compatible, load_continue, read_checkpoint, resume_mismatches
 from muco.train.optim import OptimConfig, build_optimizer
-from muco.train.sharding import fully_shard_backbone
 
 
 def batch_counts(batch: dict[str, Any]) -> dict[str, int]:

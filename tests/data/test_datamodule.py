@@ -255,7 +255,7 @@ def test_bad_samples_are_skipped_counted_and_logged(tmp_path, jpegs, rec_json, c
 
 
 def test_skip_log_is_rate_limited(caplog, monkeypatch):
-    from muco.data import skip_log
+    from muco.data import skips as skip_log
 
     clock = [100.0]
     monkeypatch.setattr(skip_log.time, "monotonic", lambda: clock[0])
@@ -392,13 +392,13 @@ def test_lightning_fit_epochs_checkpoint_and_resume(make_shards, tmp_path):
 
 # -- mined negatives ---------------------------------------------------------------------------------------
 def _stored_turn(key: str, target_id: int) -> int:
-    from muco.data.collate import text_id
+    from muco.inputs.sequence import text_id
 
     return next(t for t in range(7) if text_id(f"{key} t{t}") == target_id)  # record_json's target texts
 
 
 def test_mined_negatives_join_their_samples_and_turns(make_shards, tmp_path, caplog):
-    from muco.data.collate import text_id
+    from muco.inputs.sequence import text_id
     from tests.mined import neg_text, ranked_rows, write_sidecar
 
     pattern, keys, manifest = make_shards(n_shards=2, per_shard=4)

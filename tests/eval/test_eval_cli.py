@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from muco.eval.cli import main
+from muco.cli.eval import main
 from muco.eval.harness import evaluate_task
 from muco.eval.tasks import load_task, load_task_list
 
@@ -25,8 +25,8 @@ T2I = [{"qry_inst": "Find me an everyday image that matches the given caption:",
 
 @pytest.fixture(scope="module")
 def setup(tiny_encoder, image_dir, tmp_path_factory):
-    from muco.data.image_policy import ImagePolicy
     from muco.export import export
+    from muco.inputs.image_policy import ImagePolicy
 
     root = tmp_path_factory.mktemp("mmeb")
     model = export(tiny_encoder.backbone, tiny_encoder.tokenizer, ImagePolicy.preset("tiny"), root / "model")
@@ -126,7 +126,7 @@ def bad_task_list(root, image_dir, tmp_path):
 @pytest.fixture
 def evaluated(monkeypatch):
     """The names of the tasks `muco eval` runs through the harness."""
-    import muco.eval.cli as cli
+    import muco.cli.eval as cli
 
     names: list[str] = []
 

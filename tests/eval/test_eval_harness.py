@@ -7,11 +7,11 @@ from collections import Counter
 import pytest
 import torch
 
-from muco.data.templates import IMG
 from muco.eval.harness import evaluate_task, evaluate_tasks, load_image
 from muco.eval.metrics import gold_rank, ranking_metrics
 from muco.eval.tasks import Task, TaskSpec
 from muco.eval.text import MMEBQuery, candidates, query_text, to_user_text
+from muco.inputs.templates import IMG
 
 VEC = {"cat": [1.0, 0.0, 0.0], "dog": [0.0, 1.0, 0.0], "bird": [0.0, 0.0, 1.0],
        "q1": [0.9, 0.1, 0.3], "q2": [0.2, 0.8, 0.1], "q3": [0.7, 0.1, 0.5]}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from muco.data.templates import IMG, base_template
 from muco.eval.text import MMEBQuery, candidates, image_candidate_text, query_text, to_user_text
+from muco.inputs.templates import IMG, base_template
 
 
 def q(inst: str, text: str = "", img: str = "q.jpg", tgt_inst: str = "", tgt=(), paths=()) -> MMEBQuery:

@@ -8,11 +8,12 @@ import logging
 import pytest
 import torch
 
-from muco.data.collate import PretrainCollator, PretrainSample, SequenceEncoder
-from muco.data.image_policy import ImagePolicy
+from muco.data.m3t.collate import PretrainCollator, PretrainSample
 from muco.data.shards import read_manifest
 from muco.data.stream import load_image
-from muco.data.templates import pretrain_template
+from muco.inputs.image_policy import ImagePolicy
+from muco.inputs.sequence import SequenceEncoder
+from muco.inputs.templates import pretrain_template
 from muco.mine.embed import MineStream, embed_queries, embed_texts
 
 POLICY = ImagePolicy.preset("tiny")

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
+from muco.cli.mine import is_complete, main, parse_args, resolve_image_policy, settings
 from muco.data.shards import resolve_shards
-from muco.mine.cli import is_complete, main, parse_args, resolve_image_policy, settings
 from muco.mine.select import normalize_text
 from muco.mine.sidecar import iter_sidecar_rows, load_sidecar, read_sidecar_manifest
 from tests.mine.conftest import NEAR_DUP, SHARED, TURNS

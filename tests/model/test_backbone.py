@@ -1,10 +1,11 @@
 import pytest
 import torch
 
-from muco.data.collate import PretrainCollator, PretrainSample, SequenceEncoder
-from muco.data.image_policy import ImagePolicy
-from muco.data.templates import base_template, finetune_template, pretrain_query_turns, pretrain_template
-from muco.data.templates import single_turn_user_text as user
+from muco.data.m3t.collate import PretrainCollator, PretrainSample
+from muco.inputs.image_policy import ImagePolicy
+from muco.inputs.sequence import SequenceEncoder
+from muco.inputs.templates import base_template, finetune_template, pretrain_query_turns, pretrain_template
+from muco.inputs.templates import single_turn_user_text as user
 from muco.model.backbone import AdapterConfig, BackboneConfig, build_backbone, unwrap_qwen2vl
 from muco.model.embedder import Embedder
 from muco.model.tokenizer import SpecialTokenIds

@@ -10,10 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from muco.data.collate import PretrainCollator, PretrainSample, SequenceEncoder
-from muco.data.image_policy import ImagePolicy
-from muco.data.templates import finetune_template
-from muco.data.templates import single_turn_user_text as user
+from muco.data.m3t.collate import PretrainCollator, PretrainSample
+from muco.inputs.image_policy import ImagePolicy
+from muco.inputs.sequence import SequenceEncoder
+from muco.inputs.templates import finetune_template
+from muco.inputs.templates import single_turn_user_text as user
 from muco.losses.pretrain import pretrain_loss
 from muco.model.backbone import AdapterConfig, BackboneConfig, build_backbone, unwrap_qwen2vl
 from muco.model.embedder import Embedder

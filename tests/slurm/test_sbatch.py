@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from muco.slurm import cli
+from muco.cli import slurm as cli
 from muco.slurm.sbatch import (
     SubmitError,
     SubmitOptions,

@@ -20,7 +20,7 @@ def two_shards(tmp_path_factory, demo_data):
     """2 shards of 4 images each: one per rank, or one batch of 8 for a single process."""
     import json
 
-    from muco.data.convert import convert_jsonl
+    from muco.convert.pipeline import convert_jsonl
 
     root = tmp_path_factory.mktemp("two")
     lines = (demo_data / "train.jsonl").read_text().splitlines()[:8]

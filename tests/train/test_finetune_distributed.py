@@ -44,7 +44,7 @@ data:
 @pytest.fixture(scope="module")
 def pair_shards(tmp_path_factory, demo_data):
     """2 shards of 4 demo pairs (image queries, an image positive, image and text negatives), 2 without negatives."""
-    from muco.data.pair_convert import convert_pairs
+    from muco.convert.pairs import convert_pairs
     from muco.demo.digits import load_digits_images
     from muco.demo.pairs import pair_rows
 

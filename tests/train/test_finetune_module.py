@@ -8,9 +8,9 @@ import torch
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
-from muco.data.finetune_collate import FinetuneCollator, PairSample
-from muco.data.image_policy import ImagePolicy
-from muco.data.templates import MASK_TOKEN
+from muco.data.pairs.collate import FinetuneCollator, PairSample
+from muco.inputs.image_policy import ImagePolicy
+from muco.inputs.templates import MASK_TOKEN
 from muco.losses.finetune import TERM_NAMES
 from muco.model.backbone import AdapterConfig, BackboneConfig
 from muco.train.finetune_module import FinetuneModule

@@ -97,7 +97,7 @@ def test_errors_are_one_line_with_the_fix_and_no_traceback(muco_cli, demo_data, 
 
 
 def test_the_message_is_muco_s_own_through_library_wrappers():
-    from muco.cli import user_message
+    from muco.cli.fit import user_message
     from muco.model.backbone import BackboneConfig, build_backbone
     from muco.model.tokenizer import build_tokenizer
 

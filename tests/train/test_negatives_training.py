@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from muco.data.collate import PretrainCollator, PretrainSample
-from muco.data.image_policy import ImagePolicy
+from muco.data.m3t.collate import PretrainCollator, PretrainSample
+from muco.inputs.image_policy import ImagePolicy
 from muco.model.backbone import BackboneConfig
 from muco.train.module import MuCoModule
 from tests.mined import write_sidecar

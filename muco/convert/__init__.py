@@ -1,0 +1,1 @@
+"""Conversion of released records (parquet, JSONL) into webdataset shards; one module per record kind."""

@@ -1,0 +1,1 @@
+"""Fine-tuning pair records: query/positive/negatives, masked counterparts, collation."""
