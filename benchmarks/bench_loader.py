@@ -1,4 +1,4 @@
-"""Throughput of ``M3TDataModule`` against bare decode + resize on the same shards and workers.
+"""Throughput of the M3T ``MuCoDataModule`` against bare decode + resize on the same shards and workers.
 
 DataModule path: tar -> JPEG decode -> policy resize (``ImagePolicy.prepare``) -> record validation -> turn
 drawing -> templates -> tokenisation -> uint8 patches (``patchify``; normalisation happens later, on the
@@ -35,9 +35,9 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from muco.data.datamodule import M3TDataModule
+from muco.data.datamodule import MuCoDataModule
 from muco.data.shards import ShardWriter, write_manifest
-from muco.data.stream import decode_sample
+from muco.data.tar_reader import TarReader
 from muco.inputs.image_policy import ImagePolicy
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
@@ -127,7 +127,7 @@ def bench_bare(manifest: Path, policy: ImagePolicy, workers: int) -> tuple[float
 
 
 def bench_datamodule(manifest: Path, args: argparse.Namespace) -> tuple[float, float]:
-    dm = M3TDataModule(str(manifest), batch_size=args.batch_size, num_workers=args.workers, resampled=False,
+    dm = MuCoDataModule(str(manifest), batch_size=args.batch_size, num_workers=args.workers, resampled=False,
                        shuffle_buffer=64, tokenizer=args.tokenizer, image_policy=args.policy)
     dm.setup("fit")
     return timed(dm.train_dataloader, lambda b: len(b["keys"]))
@@ -135,15 +135,16 @@ def bench_datamodule(manifest: Path, args: argparse.Namespace) -> tuple[float, f
 
 def profile(manifest: Path, args: argparse.Namespace) -> None:
     """cProfile of the DataModule's per-sample and per-batch work in this process."""
-    dm = M3TDataModule(str(manifest), batch_size=args.batch_size, num_workers=0, resampled=False,
+    dm = MuCoDataModule(str(manifest), batch_size=args.batch_size, num_workers=0, resampled=False,
                        tokenizer=args.tokenizer, image_policy=args.policy)
     dm.setup("fit")
     ds = dm.make_dataset("train")
-    raws = [r for url in ds.cfg.sources[0][:4] for r in ds._read_tar(url, "prof")]
+    read = TarReader(lambda url, key, reason: None)
+    raws = [r for url in ds.cfg.sources[0][:4] for r in read(url, "prof")]
     prof = cProfile.Profile()
     prof.enable()
     for i in range(0, len(raws) - args.batch_size + 1, args.batch_size):
-        ds.collator([decode_sample(r, ds.cfg, 0) for r in raws[i : i + args.batch_size]])
+        ds.collate([ds.decode(r, 0) for r in raws[i : i + args.batch_size]])
     prof.disable()
     pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
 
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         per = max(1, args.workers)
         print(f"bare decode + resize: {bare:.1f} samples/s ({bare / per:.1f} per worker), "
               f"{bare_cpu:.1f} worker-CPU ms/sample")
-        print(f"M3TDataModule:        {full:.1f} samples/s ({full / per:.1f} per worker), "
+        print(f"MuCoDataModule:       {full:.1f} samples/s ({full / per:.1f} per worker), "
               f"{full_cpu:.1f} worker-CPU ms/sample")
         # the same ratio from CPU time: what the wall-clock one tends to on an otherwise idle machine
         print(f"cpu_ratio={bare_cpu / full_cpu:.2f}")

@@ -61,11 +61,11 @@ from muco.data.m3t.turns import draw_turns
 from muco.data.seeds import sample_rng
 from muco.inputs.image_policy import PRESETS as POLICIES  # noqa: E402
 from muco.inputs.image_policy import ImagePolicy  # noqa: E402
+from muco.inputs.tokenizer import SpecialTokenIds, qwen_offline_tokenizer  # noqa: E402
 from muco.losses.pretrain import pretrain_loss  # noqa: E402
 from muco.model import backbone as backbone_mod  # noqa: E402
 from muco.model.backbone import AdapterConfig, BackboneConfig, build_backbone, unwrap_qwen2vl  # noqa: E402
 from muco.model.embedder import Embedder  # noqa: E402
-from muco.model.tokenizer import SpecialTokenIds, qwen_offline_tokenizer  # noqa: E402
 from muco.train.optim import param_groups  # noqa: E402
 
 # A trial preset (registered into muco's preset table at run time only; proposed as the new `cpu-2b-shape`):

@@ -4,7 +4,9 @@ Every item is encoded with the single-turn template ``BASE(u)`` (docs/method.md 
 ``<|emb|>``: an image-bearing item reads ``u = IMG + "\\n" + text + "\\n"``, a text-only item
 ``text + "\\n"``, an image-only item ``IMG + "\\n"``.
 
-``load_encoder(path)`` is the single entry point for loading a model from disk, whatever its format.
+Loading: :meth:`MuCoEncoder.from_pretrained` reads an exported directory (``muco export``);
+:func:`muco.train.checkpoint.load_encoder` is the single entry point for a model on disk, whatever its format
+(an exported directory or a training run's ``.ckpt``). This module imports nothing from :mod:`muco.train`.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ from transformers import PreTrainedTokenizerBase
 from muco.inputs.image_policy import ImagePolicy, to_rgb
 from muco.inputs.sequence import SequenceEncoder, check_user_text
 from muco.inputs.templates import EMB_TOKEN, IMG, base_template, single_turn_user_text
+from muco.inputs.tokenizer import SpecialTokenIds, add_muco_tokens
 from muco.model.backbone import unwrap_qwen2vl
 from muco.model.embedder import Embedder
-from muco.model.tokenizer import SpecialTokenIds, add_muco_tokens
 
 log = logging.getLogger(__name__)
 
@@ -142,24 +144,6 @@ class MuCoEncoder:
         model.eval()
         return cls(tok, Embedder(model, ids.emb), as_policy(image_policy, stored), device, autocast_dtype)
 
-    @classmethod
-    def from_checkpoint(
-        cls,
-        path: str | Path,
-        image_policy: ImagePolicy | str | None = None,
-        device: str | torch.device | None = None,
-        dtype: str | torch.dtype | None = None,
-        autocast_dtype: str | torch.dtype | None = None,
-    ) -> MuCoEncoder:
-        """A Lightning checkpoint of a muco run; the policy defaults to the module's `eval_image_policy`."""
-        from muco.train.checkpoint import load_module
-
-        module = load_module(path)
-        if dtype is not None:
-            module.to(as_dtype(dtype))
-        policy = as_policy(image_policy, ImagePolicy.preset(getattr(module, "eval_image_policy", "eval")))
-        return cls(module.tokenizer, module.embedder, policy, device, autocast_dtype)
-
     # ---- properties ---------------------------------------------------------------------------------------
     @property
     def backbone(self) -> nn.Module:
@@ -233,22 +217,3 @@ class MuCoEncoder:
 
     def embed_images(self, images: Sequence[Image.Image | str | Path], batch_size: int = 32) -> torch.Tensor:
         return self.embed(images=images, batch_size=batch_size)
-
-
-def load_encoder(path: str | Path, **kwargs: Any) -> MuCoEncoder:
-    """Load an encoder from whatever ``path`` is; ``kwargs`` go to the loader (device, image_policy, ...).
-
-    Supported: an exported Hugging Face-format directory (``config.json`` + weights, as ``muco export``
-    writes) and a Lightning checkpoint of a muco training run (``.ckpt``).
-    """
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"no model at {p}")
-    if p.is_dir() and (p / "config.json").is_file():
-        return MuCoEncoder.from_pretrained(p, **kwargs)
-    if p.suffix == ".ckpt" or (p.is_dir() and any(p.glob("*.distcp"))):
-        return MuCoEncoder.from_checkpoint(p, **kwargs)
-    raise ValueError(
-        f"cannot load an encoder from {p}: expected an exported model directory (config.json + "
-        "model.safetensors + tokenizer files, as written by `muco export`)"
-    )

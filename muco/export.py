@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,8 +22,8 @@ from transformers import PreTrainedTokenizerBase, Qwen2VLModel
 from muco.encoder import MUCO_CONFIG, as_dtype
 from muco.inputs.image_policy import ImagePolicy
 from muco.inputs.templates import EMB_TOKEN, IMG, MASK_TOKEN, base_template
+from muco.inputs.tokenizer import SpecialTokenIds
 from muco.model.embedder import Embedder
-from muco.model.tokenizer import SpecialTokenIds
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +115,19 @@ def embed(text: str = "", image: Image.Image | None = None) -> torch.Tensor:
     return F.normalize(hidden[ids == tok.convert_tokens_to_ids("{EMB_TOKEN}")].float(), dim=-1)  # [1, d]
 ```
 
-With the `muco` package: `muco.MuCoEncoder.from_pretrained(path).embed(texts=[...], images=[...])`.
+With the `muco` package: `muco.encoder.MuCoEncoder.from_pretrained(path).embed(texts=[...], images=[...])`.
 """
+
+
+def _as_normal_files(out: Path) -> None:
+    """Give every file of the export the mode of any file the user creates (0644 under umask 022): the
+    weights come out of ``safetensors`` as 0600 whatever the umask, unreadable to the group that shares them."""
+    mask = os.umask(0o022)  # the only way to read the umask is to set it: put it back at once
+    os.umask(mask)
+    mode = 0o666 & ~mask
+    for path in out.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
 
 
 def export(
@@ -156,5 +168,6 @@ def export(
     }
     (out / MUCO_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     (out / "README.md").write_text(model_card(ids, image_policy, hidden, wdtype))
+    _as_normal_files(out)
     log.info("exported %s (%s, d=%d) to %s", type(merged).__name__, wdtype, hidden, out)
     return out

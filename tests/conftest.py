@@ -14,7 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_tok():
-    from muco.model.tokenizer import tiny_tokenizer
+    from muco.inputs.tokenizer import tiny_tokenizer
 
     return tiny_tokenizer()
 
@@ -22,7 +22,7 @@ def tiny_tok():
 @pytest.fixture(scope="session")
 def qwen_tok():
     """The real Qwen2 vocabulary, offline (about 2 s to build: once per session)."""
-    from muco.model.tokenizer import qwen_offline_tokenizer
+    from muco.inputs.tokenizer import qwen_offline_tokenizer
 
     return qwen_offline_tokenizer()
 

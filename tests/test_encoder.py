@@ -1,16 +1,22 @@
-"""MuCoEncoder: the BASE template per item form, batching, conveniences, mode handling, load_encoder."""
+"""MuCoEncoder: the BASE template per item form, batching, conveniences, mode handling; no import of training.
+
+Loading from any format (:func:`muco.train.checkpoint.load_encoder`) is tested in tests/train/test_checkpoint.py.
+"""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from muco.encoder import MuCoEncoder, load_encoder
+from muco.encoder import MuCoEncoder
 from muco.inputs.image_policy import ImagePolicy
 from muco.inputs.sequence import SequenceEncoder
 from muco.inputs.templates import IMG, base_template
+from muco.inputs.tokenizer import SpecialTokenIds
 from muco.model.embedder import Embedder
-from muco.model.tokenizer import SpecialTokenIds
 from tests.adapted import adapted_tiny_backbone
 
 
@@ -81,14 +87,8 @@ def test_embed_runs_in_eval_mode_and_restores_training_mode(encoder, model):
         model.get_base_model().visual.train(vision_mode)
 
 
-def test_load_encoder_dispatch(tmp_path):
-    with pytest.raises(FileNotFoundError):
-        load_encoder(tmp_path / "missing")
-    (tmp_path / "model.bin").write_bytes(b"x")
-    with pytest.raises(ValueError, match="expected an exported model directory"):
-        load_encoder(tmp_path / "model.bin")
-    with pytest.raises(ValueError, match="expected an exported model directory"):
-        load_encoder(tmp_path)
-    (tmp_path / "last.ckpt").write_bytes(b"x")
-    with pytest.raises(ValueError, match="not a readable Lightning checkpoint"):
-        load_encoder(tmp_path / "last.ckpt")
+def test_importing_the_encoder_imports_no_training_code():
+    code = ("import sys, muco.encoder; bad = sorted(m for m in sys.modules if m.startswith('muco.train')); "
+            "assert not bad, bad")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

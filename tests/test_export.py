@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from muco.cli.export import main
 from muco.encoder import MuCoEncoder
-from muco.export import export, main
+from muco.export import export
 from muco.inputs.image_policy import ImagePolicy
+from muco.inputs.tokenizer import SpecialTokenIds
 from muco.model.backbone import AdapterConfig, BackboneConfig, build_backbone
-from muco.model.tokenizer import SpecialTokenIds
 from tests.adapted import adapted_tiny_backbone
 
 TEXTS = ["a cat sitting on a mat", "what is in the picture?", None]
@@ -134,3 +135,21 @@ def test_dora_adapter_merges_too(tiny_tok, photos, tmp_path):
     want = MuCoEncoder.from_parts(tiny_tok, m.eval(), "tiny").embed(TEXTS, images)
     got = MuCoEncoder.from_pretrained(export(m, tiny_tok, ImagePolicy.preset("tiny"), tmp_path / "d"))
     assert torch.allclose(got.embed(TEXTS, images), want, atol=1e-5)
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640)])
+def test_every_exported_file_has_the_mode_of_a_normal_file(exported, tmp_path, umask, mode):
+    """safetensors writes the weights 0600 whatever the umask; `muco export` leaves no file private."""
+    import os
+
+    from muco.cli.export import main as export_main
+
+    out = tmp_path / "shared"
+    old = os.umask(umask)
+    try:
+        assert export_main(["--checkpoint", str(exported), "--output", str(out)]) == 0
+    finally:
+        os.umask(old)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert "model.safetensors" in {p.name for p in files}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(mode) for p in files}

@@ -1,4 +1,5 @@
-"""`muco data convert`: the command line over the converters in `muco.convert.pipeline` and `pair_convert`."""
+"""`muco data convert`: the command line over the converters of `muco.convert` (`m3t`: pretraining records,
+`pairs`: fine-tuning pairs)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import sys
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 
-from muco.convert.pipeline import ConvertSummary, Interrupted, convert_jsonl, convert_parquet
-from muco.convert.pipeline import __doc__ as convert_doc
+from muco.convert.m3t import convert_jsonl, convert_parquet
+from muco.convert.pairs import convert_pairs
+from muco.convert.pipeline import ConvertSummary, Interrupted
 from muco.data.records import MAX_SEQUENCE_CHARS, MAX_TEXT_CHARS
 
+DESCRIPTION = ("Convert M3T records into webdataset shards: ``{key}.<jpg|png|webp>`` + ``{key}.json`` "
+               "(docs/method.md §2.3).")
 EPILOG = (
     "Rejected records (bad rows, JSONL lines that are not UTF-8 or not JSON, schema errors, missing or broken "
     "images, texts over the length limits) are listed with their row or line number and reason in the rejects "
@@ -22,7 +26,7 @@ EPILOG = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="muco data convert", description=convert_doc.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="muco data convert", description=DESCRIPTION,
                                 epilog=EPILOG)
     p.add_argument("inputs", nargs="+", help="released M3T parquet file(s), or one JSONL of records")
     p.add_argument("--kind", choices=("m3t", "pairs"), default="m3t",
@@ -79,9 +83,13 @@ def report(convert: Callable[[], ConvertSummary]) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.kind == "pairs":
-        from muco.convert.pairs import main_pairs
-
-        return main_pairs(args)
+        return report(lambda: convert_pairs(
+            args.inputs, args.image_root, args.output, fmt=args.format, max_negatives=args.max_negatives,
+            max_side=args.max_side, jpeg_quality=args.jpeg_quality,
+            max_samples_per_shard=args.max_samples_per_shard, max_bytes_per_shard=args.max_bytes_per_shard,
+            workers=args.workers, manifest=args.manifest, rejects=args.rejects, key_prefix=args.key_prefix,
+            limit=args.limit, overwrite=args.overwrite, max_text_chars=args.max_text_chars,
+            max_sequence_chars=args.max_sequence_chars))
     fmt = args.format
     if fmt == "auto":
         fmt = "jsonl" if args.inputs[0].endswith((".jsonl", ".json")) else "parquet"

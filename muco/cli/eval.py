@@ -54,7 +54,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-missing", action="store_true", help="skip tasks whose data file is missing")
     p.add_argument("--overwrite", action="store_true", help="re-run tasks that already have results")
     p.add_argument("--verbose", action="store_true",
-                   help="log the traceback of a task's failure (also with MUCO_DEBUG=1)")
+                   help="log each task's result as it finishes and the traceback of a task's failure "
+                        "(also with MUCO_DEBUG=1)")
     args = p.parse_args(argv)
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         p.error("--batch-size and --limit must be >= 1")
@@ -106,7 +107,7 @@ def _failure(spec: TaskSpec, exc: Exception) -> dict:
 
 
 def _encode_fn(args: argparse.Namespace):
-    from muco.encoder import load_encoder
+    from muco.train.checkpoint import load_encoder
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     autocast = args.autocast or ("bfloat16" if device.startswith("cuda") else "none")
@@ -135,9 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             skipped = {s.name: f"data {s.data} does not exist" for s in no_data}
             print(f"muco eval: skipping {len(no_data)} task(s) without data (--skip-missing): {names}",
                   file=sys.stderr)
-        else:
-            print(f"muco eval: missing data for {len(no_data)} task(s): {names}; the other tasks run, these are "
-                  "recorded as failed", file=sys.stderr)
+        else:  # named once, with the other failures, at the end
+            print(f"muco eval: {len(no_data)} task(s) have no data; the other tasks run, and these are reported "
+                  "as failed at the end", file=sys.stderr)
 
     results: dict[str, dict] = {}
     todo = []
@@ -146,10 +147,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         stored = None if args.overwrite else _cached(out / f"{s.name}.json", settings)
         if stored is not None:
-            log.info("%s: reusing %s", s.name, out / f"{s.name}.json")
             results[s.name] = stored["metrics"]
         else:
             todo.append(s)
+    if todo:
+        reused = f", reusing {len(results)} finished in {out}" if results else ""
+        print(f"muco eval: evaluating {len(todo)} task(s){reused}; the table follows when all are done "
+              "(--verbose logs each task as it finishes)", file=sys.stderr)
 
     failed: dict[str, dict] = {}
 
@@ -157,23 +161,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         failed[s.name] = _failure(s, exc)
         for stale in (out / f"{s.name}.json", out / f"{s.name}.pred.jsonl"):  # so the next run retries it
             stale.unlink(missing_ok=True)
-        log.error("%s", failed[s.name]["message"], exc_info=exc if verbose else None)
+        if verbose:  # otherwise the message is printed once, with the others, at the end
+            log.error("%s", failed[s.name]["message"], exc_info=exc)
 
     encode_fn = None  # the model is loaded once the first task's data has loaded
-    for s in todo:
-        try:
-            task = load_task(s, limit=args.limit)
-        except Exception as e:  # one task's data must not stop the others
-            fail(s, e)
-            continue
-        if encode_fn is None:
-            encode_fn = _encode_fn(args)
-        try:
-            result = evaluate_task(encode_fn, task, batch_size=args.batch_size)
-        except Exception as e:  # an image, or e.g. memory, fails this task alone
-            fail(s, e)
-            continue
-        results[s.name] = _write_result(out, result, s, settings)["metrics"]
+    # each result is printed once, in the table below: the harness's per-task record only with --verbose
+    harness_log = logging.getLogger("muco.eval.harness")
+    level = harness_log.level
+    if not verbose:
+        harness_log.setLevel(max(logging.WARNING, level))
+    try:
+        for s in todo:
+            try:
+                task = load_task(s, limit=args.limit)
+            except Exception as e:  # one task's data must not stop the others
+                fail(s, e)
+                continue
+            if encode_fn is None:
+                encode_fn = _encode_fn(args)
+            try:
+                result = evaluate_task(encode_fn, task, batch_size=args.batch_size)
+            except Exception as e:  # an image, or e.g. memory, fails this task alone
+                fail(s, e)
+                continue
+            results[s.name] = _write_result(out, result, s, settings)["metrics"]
+    finally:
+        harness_log.setLevel(level)
 
     # aggregate against the full list, so a partial run shows n/expected and names what it leaves out
     scores = {k: v["precision@1"] for k, v in results.items()}
@@ -183,7 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     table = format_table(results, all_specs, failed={k: v["message"] for k, v in failed.items()})
     _write_text(out / "results.txt", table + "\n")
-    print(table)
+    # on the console each failure's message is printed once, below, on stderr (results.txt keeps it in the table)
+    notes = {f"FAILED {k}: {v['message']}" for k, v in failed.items()}
+    print("\n".join(line for line in table.split("\n") if line not in notes))
     if not failed:
         return 0
     ran = len(specs) - len(skipped)

@@ -6,15 +6,15 @@ import argparse
 import logging
 from collections.abc import Sequence
 
-from muco.encoder import load_encoder
 from muco.export import __doc__ as export_doc
 from muco.export import export
+from muco.train.checkpoint import load_encoder
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``muco export --checkpoint PATH --output DIR [--dtype D] [--image-policy NAME] [--overwrite]``."""
     p = argparse.ArgumentParser(prog="muco export", description=(export_doc or "").split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="anything muco.encoder.load_encoder accepts")
+    p.add_argument("--checkpoint", required=True, help="anything muco.train.checkpoint.load_encoder accepts")
     p.add_argument("--output", required=True, help="directory to write")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights dtype of the export (default: keep)")

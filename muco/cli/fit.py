@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -36,7 +37,8 @@ TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
 def arrange_run_dir(cfg: Any) -> str:
     """Point the config's TensorBoard logger(s) at the run directory, ``trainer.default_root_dir`` (by default
     ``runs/<name of the first --config>``), so the events, ``config.yaml`` and ``checkpoints/`` of every
-    restart land in that one directory; a config without a logger gets a TensorBoard logger there."""
+    restart land in that one directory; a config without a logger gets a TensorBoard logger there. TensorBoard's
+    placeholder ``hp_metric`` (-1) is off: muco logs its own metrics."""
     from jsonargparse import Namespace
 
     from muco.train.run_dir import default_run_dir
@@ -50,7 +52,7 @@ def arrange_run_dir(cfg: Any) -> str:
         run_dir = default_run_dir(configs)
         cfg["trainer.default_root_dir"] = run_dir
     run_dir = str(run_dir)
-    here = Namespace(save_dir=run_dir, name="", version="")
+    here = Namespace(save_dir=run_dir, name="", version="", default_hp_metric=False)
     logger = cfg.get("trainer.logger")
     if logger is None or logger is True:
         cfg["trainer.logger"] = Namespace(class_path=TENSORBOARD, init_args=here)
@@ -62,13 +64,22 @@ def arrange_run_dir(cfg: Any) -> str:
 
 
 def resume_path(run_dir: str, ckpt_path: str | None) -> str | None:
-    """``fit``'s checkpoint: :func:`muco.train.run_dir.resolve_resume`, announced."""
+    """``fit``'s checkpoint: :func:`muco.train.run_dir.resolve_resume`, announced on rank 0 in one line that
+    names the run directory and whether the run resumes (from which checkpoint) or starts fresh."""
+    from lightning.pytorch.utilities import rank_zero_only
+
     from muco.train.run_dir import resolve_resume
 
     path = resolve_resume(run_dir, ckpt_path)
-    if path is not None and path != "hpc":
-        why = f" (the newest checkpoint of run directory {run_dir})" if ckpt_path in (None, "last") else ""
-        logging.getLogger("muco").info("resuming from %s%s", path, why)
+    if path is None:
+        how = "starting fresh"
+    elif path == "hpc":
+        how = "resuming from its newest hpc_ckpt_*.ckpt"
+    else:
+        how = f"resuming from {path}" + (" (its newest checkpoint)" if ckpt_path in (None, "last") else "")
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        logging.getLogger("muco").info("run directory: %s (checkpoints/, TensorBoard events, skipped.jsonl); %s",
+                                       os.path.abspath(run_dir), how)
     return path
 
 
@@ -82,6 +93,7 @@ def build_cli(argv: Sequence[str] | None, run: bool = True):
     from muco.train.checkpoint_io import AtomicCheckpointIO
     from muco.train.module import MuCoModule
     from muco.train.preemption import PreemptionCheckpoint
+    from muco.train.progress import StepProgressBar
     from muco.train.rng_state import RNGState
     from muco.train.run_dir import check_writable, resolve_resume
 
@@ -118,7 +130,21 @@ def build_cli(argv: Sequence[str] | None, run: bool = True):
             if SLURMEnvironment.detect() and not any(isinstance(p, ClusterEnvironment) for p in plugins):
                 # PreemptionCheckpoint handles SIGUSR1; Lightning's auto-requeue would also ignore SIGTERM
                 plugins.append(SLURMEnvironment(auto_requeue=False))
-            return super().instantiate_trainer(plugins=plugins, **kwargs)
+            return super().instantiate_trainer(plugins=plugins, callbacks=self._with_progress_bar(), **kwargs)
+
+        def _with_progress_bar(self) -> list:
+            """The config's callbacks plus muco's progress bar (step N/max_steps, not Lightning's "Epoch 0/-2"),
+            unless the config brings its own bar or turns the bar off; the other defaults (trainer_defaults)
+            are added by LightningCLI after these."""
+            from lightning.pytorch.callbacks import ProgressBar
+
+            trainer = self._get(self.config_init, "trainer", default={})
+            callbacks = trainer.get("callbacks") or []
+            callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+            if trainer.get("enable_progress_bar") is not False and not any(
+                    isinstance(c, ProgressBar) for c in callbacks):
+                callbacks.append(StepProgressBar())
+            return callbacks
 
         def before_fit(self) -> None:
             from lightning.pytorch.callbacks import ModelCheckpoint
@@ -142,6 +168,7 @@ def build_cli(argv: Sequence[str] | None, run: bool = True):
         subclass_mode_model=True,
         subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf+"},
+        auto_configure_optimizers=False,  # the module builds its optimizer from model.optim: no --optimizer
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"callbacks": [PreemptionCheckpoint(), RNGState()]},
         args=None if argv is None else list(argv),

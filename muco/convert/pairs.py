@@ -1,25 +1,26 @@
-"""Fine-tuning pairs -> webdataset shards (docs/method.md §2.2, §2.3, §8), on the M3T converter's framework
-(``muco.convert.pipeline._run``: process pool, ordered writer, size-capped atomic shards, rejects, manifest).
+"""The pair kind: fine-tuning pairs -> webdataset shards (docs/method.md §2.2, §2.3, §8), through the shared
+pipeline (:func:`muco.convert.pipeline.run_conversion`: process pool, ordered writer, size-capped atomic shards,
+rejects, manifest).
 
 Inputs:
 - MMEB-train rows (parquet, or JSONL lines with the same columns): ``qry``, ``pos_text``, ``qry_image_path``,
   ``pos_image_path`` (``''`` = none), ``qry_sentence`` / ``pos_sentence`` (captions), ``neg_text`` /
   ``neg_image_path`` (a list, or the string form of a list). Lists are parsed as data: JSON, else a Python
-  literal via ``ast.literal_eval`` (literals only; never ``eval``, pitfall 10). Negative ``i`` takes image
-  ``neg_image_path[min(i, len - 1)]`` (the released clamp). ``<|image_1|>`` markers are stripped.
+  literal via ``ast.literal_eval`` (literals only; never ``eval``, which the released loader applied to these
+  strings, docs/method.md §14). Negative ``i`` takes image ``neg_image_path[min(i, len - 1)]`` (the released
+  clamp). ``<|image_1|>`` markers are stripped.
 - Pair JSONL in the project schema: ``{"key", "query": {text, image?, caption?}, "positive": {...},
   "negatives": [{text, image?}]}``, image paths relative to ``--image-root``.
 
 A negative identical to the positive (same text and image) is dropped: the released loader made the positive
-its own hard negative for some rows (pitfall 12). Images are stored as members ``qry.*``, ``pos.*``, ``neg<j>.*``
-(negative images de-duplicated by path). Usage::
+its own hard negative for some rows (docs/method.md §14). Images are stored as members ``qry.*``, ``pos.*``,
+``neg<j>.*`` (negative images de-duplicated by path). Usage::
 
     muco data convert --kind pairs MMEB_train/*/*.parquet --image-root imgs --output pairs/train-%06d.tar
 """
 
 from __future__ import annotations
 
-import argparse
 import ast
 import json
 import os
@@ -28,19 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from muco.convert.pipeline import (
-    ConvertOptions,
-    ConvertSummary,
-    ImageError,
-    LineError,
-    _jsonl_items,
-    _parquet_items,
-    _run,
-    check_sequence_length,
-    check_text_length,
-    load_image,
-    parse_line,
-)
+from muco.convert.images import ImageError, load_image
+from muco.convert.limits import check_sequence_length, check_text_length
+from muco.convert.pipeline import ConvertOptions, ConvertSummary, Prepared, prepared, rejected, run_conversion
+from muco.convert.sources import LineError, jsonl_items, parquet_items, parse_line
 from muco.data.pairs.records import PairRecord, Side, strip_markers
 from muco.data.records import MAX_SEQUENCE_CHARS, MAX_TEXT_CHARS, RecordError
 
@@ -51,7 +43,6 @@ MMEB_REQUIRED = ("qry", "pos_text")
 
 @dataclass(frozen=True)
 class PairConvertOptions(ConvertOptions):
-    turns: int | None = None  # pairs have no turns
     max_negatives: int | None = None
 
 
@@ -156,8 +147,8 @@ def check_pair_lengths(rec: PairRecord, max_text_chars: int | None = MAX_TEXT_CH
     return rec
 
 
-def prepare_pair(index: int, payload: Any, key: str | None, opts: PairConvertOptions) -> tuple:
-    """One input item -> ("ok", key, members) or ("bad", key, index, reason, message); runs in workers."""
+def prepare_pair(index: int, payload: Any, key: str | None, opts: PairConvertOptions) -> Prepared:
+    """The preparer of pairs (runs in the workers): a parquet row dict or a JSONL line."""
     try:
         rec = record_from_mmeb(key, payload) if isinstance(payload, dict) else record_from_line(payload, key)
         key = rec.key
@@ -185,8 +176,8 @@ def prepare_pair(index: int, payload: Any, key: str | None, opts: PairConvertOpt
                     stored[neg.image] = member(f"neg{len(stored)}", f"negatives[{i}].image", neg.image)
                 neg.image = stored[neg.image]
     except (RecordError, ImageError, LineError) as e:
-        return ("bad", getattr(e, "key", None) or key, index, e.reason, str(e))
-    return ("ok", key, [*members, ("json", rec.to_json_bytes())])
+        return rejected(index, key, e)
+    return prepared(key, [*members, ("json", rec.to_json_bytes())])
 
 
 def _stem_prefix(path: str) -> str:
@@ -212,34 +203,21 @@ def convert_pairs(inputs: str | os.PathLike | list, image_root: str | os.PathLik
                               max_text_chars=max_text_chars or None, max_sequence_chars=max_sequence_chars or None,
                               max_negatives=max_negatives)
     if fmt == "parquet":
-        items = _parquet_items(paths, key_prefix, batch_rows, limit, wanted=MMEB_COLUMNS,
-                               optional=tuple(c for c in MMEB_COLUMNS if c not in MMEB_REQUIRED), stem_parts=2)
+        items = parquet_items(paths, MMEB_COLUMNS, optional=tuple(c for c in MMEB_COLUMNS if c not in MMEB_REQUIRED),
+                              key_prefix=key_prefix, batch_rows=batch_rows, limit=limit, stem_parts=2)
     elif fmt == "jsonl":
         if len(paths) != 1:
             raise ValueError("give exactly one JSONL input")
         prefix = key_prefix if key_prefix is not None else _stem_prefix(paths[0])
-        items = ((i, line, f"{prefix}{i:09d}") for i, line, _ in _jsonl_items(paths[0], limit))
+        items = ((i, line, f"{prefix}{i:09d}") for i, line, _ in jsonl_items(paths[0], limit))
     else:
         raise ValueError(f"unknown format {fmt!r}; use parquet or jsonl")
-    return _run(prepare_pair, items, output, opts, max_samples_per_shard=max_samples_per_shard,
-                max_bytes_per_shard=max_bytes_per_shard, workers=workers, manifest=manifest, rejects=rejects,
-                overwrite=overwrite, source=",".join(paths),
-                manifest_extra={"kind": "pairs", "max_negatives": max_negatives},
-                unit="line" if fmt == "jsonl" else "row")
+    return run_conversion(prepare_pair, items, output, opts, max_samples_per_shard=max_samples_per_shard,
+                          max_bytes_per_shard=max_bytes_per_shard, workers=workers, manifest=manifest,
+                          rejects=rejects, overwrite=overwrite, source=",".join(paths),
+                          manifest_extra={"kind": "pairs", "max_negatives": max_negatives},
+                          unit="line" if fmt == "jsonl" else "row")
 
 
-def main_pairs(args: argparse.Namespace) -> int:
-    """``muco data convert --kind pairs ...`` (arguments parsed by ``muco.cli.convert.build_parser``)."""
-    from muco.cli.convert import report
-
-    return report(lambda: convert_pairs(
-        args.inputs, args.image_root, args.output, fmt=args.format, max_negatives=args.max_negatives,
-        max_side=args.max_side, jpeg_quality=args.jpeg_quality,
-        max_samples_per_shard=args.max_samples_per_shard, max_bytes_per_shard=args.max_bytes_per_shard,
-        workers=args.workers, manifest=args.manifest, rejects=args.rejects, key_prefix=args.key_prefix,
-        limit=args.limit, overwrite=args.overwrite, max_text_chars=args.max_text_chars,
-        max_sequence_chars=args.max_sequence_chars))
-
-
-__all__ = ["PairConvertOptions", "check_pair_lengths", "convert_pairs", "parse_list", "prepare_pair",
-           "record_from_line", "record_from_mmeb"]
+__all__ = ["MMEB_COLUMNS", "MMEB_REQUIRED", "PairConvertOptions", "check_pair_lengths", "convert_pairs",
+           "parse_list", "prepare_pair", "record_from_line", "record_from_mmeb"]

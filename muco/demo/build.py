@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from muco.convert.pipeline import convert_jsonl
+from muco.convert.m3t import convert_jsonl
 from muco.demo.digits import eval_tasks, load_digits_images, record, split
 
 EVAL_META = {"Digits-CLS": "classification", "Digits-VQA": "vqa", "Digits-I2T": "retrieval",

@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from muco.inputs.image_policy import MERGE, ImagePolicy, patchify
 from muco.inputs.templates import IMAGE_PAD, find_reserved
-from muco.model.tokenizer import SpecialTokenIds
+from muco.inputs.tokenizer import SpecialTokenIds
 
 
 def text_id(text: str) -> int:

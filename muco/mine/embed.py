@@ -7,7 +7,7 @@ this one canonical choice so a sidecar is reproducible and its ``turn`` field is
 trained with K < 7 turns per sequence is mined with its own K (``turns_per_sequence``): the stored turns are cut
 into consecutive sequences of K turns, each with the image in its first turn, so no turn sits at a position
 the model never trained.
-Images are decoded with the training stream's ``load_image`` under the training image policy.
+Images are decoded with the training data's ``load_image`` under the training image policy.
 
 **Targets (the corpus).** Every unique target text once, with the single-turn template ``BASE(t)`` (text only,
 as stored). ``BASE(t) == PRETRAIN([t])``, so this is exactly a target's embedding as the first turn of a
@@ -28,12 +28,16 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
+from muco.data.images import load_image
 from muco.data.m3t.collate import PretrainCollator, PretrainSample
+from muco.data.m3t.decode import record_and_image
 from muco.data.m3t.records import M3TRecord
-from muco.data.stream import M3TStream, StreamConfig, load_image, record_and_image
+from muco.data.skips import SkipLog
+from muco.data.stream import MAX_CONSECUTIVE_FAILURES
+from muco.data.tar_reader import TarReader
 from muco.encoder import MuCoEncoder
 from muco.inputs.image_policy import ImagePolicy
 
@@ -45,56 +49,69 @@ def canonical_turns(record: M3TRecord) -> tuple[list[str], list[str]]:
     return [t.queries[0] for t in record.turns], [t.target for t in record.turns]
 
 
-class MineStream(M3TStream):
+class MineStream(IterableDataset):
     """One pass over the shards in a fixed order, yielding collated batches of this rank's share of samples.
 
     Each batch is the training collator's output (``query``, ``num_turns``, ``keys``) plus ``order`` [b, 2]
     (shard index, position in the shard) and ``targets`` (stored-order target texts per sample). The last item
-    of every worker is ``{"final": True, "stats": {...}}`` with its skip count.
+    of every worker is ``{"final": True, "stats": {...}}`` with its skip count. Composed of the training data's
+    stages: the tar reader, the M3T record check, image decoding and the pretraining collator.
     """
 
     def __init__(self, urls: Sequence[str], collator: PretrainCollator, image_policy: ImagePolicy,
                  batch_size: int, rank: int = 0, world_size: int = 1, turns_per_sequence: int | None = None) -> None:
-        cfg = StreamConfig(sources=[list(urls)], batch_size=batch_size, turns_per_sample=1,
-                           image_policy=image_policy, resampled=False, shuffle_buffer=0, train=False)
-        super().__init__(cfg, collator)  # the base class's own rank split is unused: every rank reads all
+        super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
-        self.mine_rank, self.mine_world = rank, world_size
         if turns_per_sequence is not None and turns_per_sequence < 1:
             raise ValueError(f"turns_per_sequence must be >= 1, got {turns_per_sequence}")
+        self.urls, self.collator, self.image_policy, self.batch_size = list(urls), collator, image_policy, batch_size
+        self.mine_rank, self.mine_world = rank, world_size
         self.turns_per_sequence = turns_per_sequence
+        self.skipped = self.samples = 0
+        self._failures = 0
+        self._wid = ""
+        self._skip_log = SkipLog()
+        self._read_tar = TarReader(lambda url, key, reason: self._skip(self._wid, url, key, reason), "the shards")
 
-    def decode(self, raw: dict[str, Any], epoch: int) -> PretrainSample:
+    def decode(self, raw: dict[str, Any]) -> PretrainSample:
         record, image = record_and_image(raw)
         queries, targets = canonical_turns(record)
-        return PretrainSample(key=record.key, image=load_image(image, self.cfg.image_policy), queries=queries,
+        return PretrainSample(key=record.key, image=load_image(image, self.image_policy), queries=queries,
                               targets=targets)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         w, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        wid = f"mine-r{self.mine_rank}w{w}"
-        urls = self.cfg.sources[0]
+        wid = self._wid = f"mine-r{self.mine_rank}w{w}"
+        urls = self.urls
         buf: list[tuple[PretrainSample, int, int]] = []
         for s in range(w, len(urls), nw):
             for pos, raw in enumerate(self._read_tar(urls[s], wid)):
                 if (s + pos) % self.mine_world != self.mine_rank:
                     continue
                 try:
-                    sample = self.decode(raw, 0)
+                    sample = self.decode(raw)
                 except Exception as e:  # one bad sample costs that sample only
                     self._skip(wid, urls[s], raw.get("__key__"), f"{type(e).__name__}: {e}")
                     continue
                 self._failures = 0
                 buf.append((sample, s, pos))
-                if len(buf) == self.cfg.batch_size:
+                if len(buf) == self.batch_size:
                     yield from self._mine_batch(buf, wid)
                     buf = []
         if buf:
             yield from self._mine_batch(buf, wid)
-        yield {"final": True, "stats": {"skipped": self.position.skipped, "samples": self.position.samples,
-                                        "worker": wid}}
+        self._skip_log.close(wid, self.skipped)
+        yield {"final": True, "stats": {"skipped": self.skipped, "samples": self.samples, "worker": wid}}
+
+    def _skip(self, wid: str, url: str, key: str | None, err: object) -> None:
+        self.skipped += 1
+        self._failures += 1
+        self._skip_log(wid, url, key, err, self.skipped)
+        if self._failures >= MAX_CONSECUTIVE_FAILURES:  # fail loudly instead of spinning over bad data
+            raise RuntimeError(f"worker {wid}: {self._failures} samples in a row failed; last: {key!r} of "
+                               f"{url}: {err}")
 
     def _sequences(self, sample: PretrainSample) -> list[PretrainSample]:
         """The sample's query sequences: all turns in one, or consecutive runs of ``turns_per_sequence``."""
@@ -110,7 +127,7 @@ class MineStream(M3TStream):
                 for one in buf:
                     yield from self._mine_batch([one], wid)
                 return
-            s, url = buf[0], self.cfg.sources[0][buf[0][1]]
+            s, url = buf[0], self.urls[buf[0][1]]
             self._skip(wid, url, s[0].key, "collation failed")
             return
         batch.pop("target", None)
@@ -122,7 +139,7 @@ class MineStream(M3TStream):
         batch["num_turns"] = torch.tensor([len(b[0].queries) for b in buf], dtype=torch.long)
         batch["order"] = torch.tensor([[s, pos] for _, s, pos in buf], dtype=torch.long)
         batch["targets"] = [b[0].targets for b in buf]
-        self.position.samples += len(buf)
+        self.samples += len(buf)
         yield batch
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase, Qwen2VLConfig, Qwen2VLModel
 
-from muco.model.tokenizer import SpecialTokenIds
+from muco.inputs.tokenizer import SpecialTokenIds
 
 log = logging.getLogger(__name__)
 

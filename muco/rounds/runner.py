@@ -72,7 +72,7 @@ class RoundsRunner:
         stage = cfg.schedule.at(r) if cfg.schedule is not None else None
         if stage is not None:
             (lo, hi), per_turn = stage
-            cmd += ["--data.init_args.negatives",
+            cmd += ["--data.init_args.records.init_args.negatives",
                     json.dumps({"sidecar": str(self.sidecar(r - 1)), "band": [lo, hi], "per_turn": per_turn})]
         return cmd
 

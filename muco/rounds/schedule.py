@@ -1,5 +1,5 @@
 """The difficulty schedule of hard-negative rounds: which rank band of the mined negatives (and how many per
-turn) each training round draws, easier bands first (docs/method.md §9)."""
+turn) each training round draws, easier bands first (docs/recipe.md, hard-negative rounds)."""
 
 from __future__ import annotations
 

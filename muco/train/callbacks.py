@@ -12,9 +12,10 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 
-class ThroughputMonitor(Callback):
+class PairThroughput(Callback):
     """Logs images/s, pairs/s and tokens/s per device and in total, the data-wait fraction of each step,
-    and peak accelerator memory, under ``perf/``.
+    and peak accelerator memory, under ``perf/`` (``perf/pairs_per_s`` also on the progress bar). Not
+    Lightning's ``ThroughputMonitor``, which counts samples and FLOPs of a model that declares them.
 
     Data wait is the time between the end of one step and the start of the next: the loader's share.
     """
@@ -38,12 +39,12 @@ class ThroughputMonitor(Callback):
         total = compute + self._wait
         self._last_end = now
         counts = outputs.get("counts") if isinstance(outputs, dict) else None
-        if not counts or total <= 0:
+        if counts is None or total <= 0:  # a StepCounts (muco.objectives.base)
             return
         world = trainer.world_size
         metrics = {"perf/data_wait_frac": self._wait / total, "perf/step_time": total}
         for name in ("images", "pairs", "tokens"):
-            per_device = counts[name] / total
+            per_device = getattr(counts, name) / total
             metrics[f"perf/{name}_per_s_device"] = per_device
             metrics[f"perf/{name}_per_s"] = per_device * world
         if torch.cuda.is_available() and pl_module.device.type == "cuda":

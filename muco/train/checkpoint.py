@@ -1,29 +1,78 @@
-"""Rebuild a trained module from a Lightning checkpoint (for evaluation, export, mining)."""
+"""A muco Lightning checkpoint (``.ckpt``) on disk: the one reader, with one-line errors, and what is built from
+it: the trained module (:func:`load_module`), an encoder (:func:`load_encoder`, which also takes an exported
+model directory) and the training data settings it recorded (:func:`datamodule_hparams`).
+
+Used for evaluation, export, mining and ``init_from`` (:mod:`muco.train.init_from`).
+"""
 
 from __future__ import annotations
 
 import importlib
+import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.pytorch import LightningModule
+
+from muco.encoder import MuCoEncoder, as_dtype, as_policy
+from muco.inputs.image_policy import ImagePolicy
+
+if TYPE_CHECKING:
+    from lightning.pytorch import LightningModule
+
+CHECKPOINT_HINT = "point it at a run's checkpoints/last.ckpt"
+
+
+def is_distributed_checkpoint(path: str | Path) -> bool:
+    """A distributed (FSDP / torch.distributed.checkpoint) checkpoint directory: ``.metadata`` + ``*.distcp``."""
+    path = Path(path)
+    return path.is_dir() and ((path / ".metadata").is_file() or any(path.glob("*.distcp")))
+
+
+def read_checkpoint(path: str | Path, what: str | None = None, *, mmap: bool = False) -> dict[str, Any]:
+    """A muco Lightning checkpoint as a dict (``state_dict``, ``hyper_parameters``, ...), with clear errors.
+
+    ``what`` names the setting that gave the path (``"init_from"``): errors then read ``init_from=<path> ...``;
+    None: the path alone. ``mmap`` maps the file instead of reading it (cheap when only small entries such as
+    the hyper-parameters are needed).
+    """
+    path = Path(path)
+    label = str(path) if what is None else f"{what}={path}"
+    if path.is_dir():
+        if is_distributed_checkpoint(path):
+            raise ValueError(f"{label} is a distributed (FSDP) checkpoint directory; consolidate it first with "
+                             f"`python -m lightning.pytorch.utilities.consolidate_checkpoint {path}`")
+        raise ValueError(f"{label} is a directory, not a checkpoint; {CHECKPOINT_HINT}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{label} does not exist; point it at a run's .ckpt")
+    if not zipfile.is_zipfile(path):  # torch.save's format; a tar, a truncated file or anything else is not
+        raise ValueError(f"{label} is not a checkpoint file (cut short, damaged, or another kind of file); "
+                         f"{CHECKPOINT_HINT}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)  # our own checkpoint, not data
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"{label} is not a readable Lightning checkpoint ({type(e).__name__}: {first})") from e
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise ValueError(f"{label} is not a Lightning checkpoint of a muco module (no state_dict/hyper_parameters)")
+    return ckpt
+
+
+def datamodule_hparams(path: str | Path) -> dict[str, Any]:
+    """The training data settings a checkpoint recorded (the datamodule's hyper-parameters: ``image_policy``,
+    ``turns_per_sample``, ...); ``{}`` for anything that is not a ``.ckpt`` file (an exported model directory)
+    or a checkpoint without them. The weights are mapped, not read."""
+    path = Path(path)
+    if not (path.is_file() and path.suffix == ".ckpt"):
+        return {}
+    hp = read_checkpoint(path, mmap=True).get("datamodule_hyper_parameters")
+    return dict(hp) if isinstance(hp, dict) else {}
 
 
 def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> LightningModule:
     """The module class recorded in the checkpoint, rebuilt from its hyper-parameters; frozen weights left out
     of the checkpoint come back from the backbone config (local weights or the seeded preset)."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(
-            f"{path} is a distributed (FSDP) checkpoint directory; consolidate it first with "
-            f"`python -m lightning.pytorch.utilities.consolidate_checkpoint {path}`"
-        )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own checkpoint, not data
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable Lightning checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-        raise ValueError(f"{path} is not a Lightning checkpoint of a muco module (no state_dict/hyper_parameters)")
+    ckpt = read_checkpoint(path)
     dotted = ckpt.get("muco_module_class", "muco.train.module.MuCoModule")
     module_name, _, cls_name = dotted.rpartition(".")
     cls = getattr(importlib.import_module(module_name), cls_name)
@@ -40,3 +89,38 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> L
     if lost:
         raise ValueError(f"{path}: trained parameters missing from the checkpoint: {lost[:5]}")
     return module.to(map_location).eval()
+
+
+def load_encoder(path: str | Path, **kwargs: Any) -> MuCoEncoder:
+    """Load an encoder from whatever ``path`` is; ``kwargs`` go to the loader (``device``, ``image_policy``,
+    ``dtype``, ``autocast_dtype``, ...).
+
+    Supported: an exported Hugging Face-format directory (``config.json`` + weights, as ``muco export`` writes;
+    :meth:`MuCoEncoder.from_pretrained`) and a Lightning checkpoint of a muco training run (``.ckpt``), whose
+    image policy defaults to the module's ``eval_image_policy``.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no model at {p}")
+    if p.is_dir() and (p / "config.json").is_file():
+        return MuCoEncoder.from_pretrained(p, **kwargs)
+    if p.suffix == ".ckpt" or is_distributed_checkpoint(p):
+        return _encoder_from_checkpoint(p, **kwargs)
+    raise ValueError(
+        f"cannot load an encoder from {p}: expected an exported model directory (config.json + "
+        "model.safetensors + tokenizer files, as written by `muco export`)"
+    )
+
+
+def _encoder_from_checkpoint(
+    path: Path,
+    image_policy: ImagePolicy | str | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    autocast_dtype: str | torch.dtype | None = None,
+) -> MuCoEncoder:
+    module = load_module(path)
+    if dtype is not None:
+        module.to(as_dtype(dtype))
+    policy = as_policy(image_policy, ImagePolicy.preset(getattr(module, "eval_image_policy", "eval")))
+    return MuCoEncoder(module.tokenizer, module.embedder, policy, device, autocast_dtype)

@@ -16,7 +16,6 @@ preset), so the pretraining run's ``pretrained`` / ``preset`` / ``seed`` must ma
 from __future__ import annotations
 
 import logging
-import zipfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,31 +24,17 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from muco.inputs.tokenizer import SpecialTokenIds
 from muco.model.backbone import BackboneConfig, apply_adapter, load_qwen2vl, prepare_for_training
-from muco.model.tokenizer import SpecialTokenIds
+from muco.train import checkpoint
 
 log = logging.getLogger(__name__)
 BACKBONE_PREFIX = "embedder.backbone."
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A muco Lightning checkpoint as a dict (``state_dict``, ``hyper_parameters``), with clear errors."""
-    path = Path(path)
-    if path.is_dir():
-        if (path / ".metadata").is_file():
-            raise ValueError(f"init_from={path} is a distributed (FSDP) checkpoint directory; consolidate it first "
-                             f"with `python -m lightning.pytorch.utilities.consolidate_checkpoint {path}`")
-        raise ValueError(f"init_from={path} is a directory, not a checkpoint; point it at a run's "
-                         "checkpoints/last.ckpt")
-    if not path.is_file():
-        raise FileNotFoundError(f"init_from={path} does not exist; point it at a pretraining run's .ckpt")
-    if not zipfile.is_zipfile(path):  # torch.save's format; a tar, a truncated file or anything else is not
-        raise ValueError(f"init_from={path} is not a checkpoint file (cut short, damaged, or another kind of file); "
-                         "point it at a run's checkpoints/last.ckpt")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own checkpoint, not data
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-        raise ValueError(f"init_from={path} is not a Lightning checkpoint of a muco module")
-    return ckpt
+def read_checkpoint(path: str | Path, what: str | None = "init_from") -> dict[str, Any]:
+    """:func:`muco.train.checkpoint.read_checkpoint`, its errors naming the ``init_from`` setting."""
+    return checkpoint.read_checkpoint(path, what)
 
 
 def check_compatible(ckpt: dict[str, Any], path: str | Path, tokenizer: str, cfg: BackboneConfig) -> BackboneConfig:

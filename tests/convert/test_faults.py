@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from muco.cli.convert import build_parser, main
+from muco.convert.m3t import convert_jsonl
 from muco.convert.pairs import convert_pairs
-from muco.convert.pipeline import convert_jsonl
 from muco.data.records import MAX_SEQUENCE_CHARS, MAX_TEXT_CHARS
 from muco.data.shards import resolve_shards
 
@@ -53,7 +53,7 @@ def root(tmp_path, photos) -> Path:
 def start_convert(src: Path, root: Path, out: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "muco.convert.pipeline", str(src), "--image-root", str(root), "--output",
+        [sys.executable, "-m", "muco", "data", "convert", str(src), "--image-root", str(root), "--output",
          str(out / "s-%06d.tar"), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         start_new_session=True)  # its own process group: a stray worker can be cleaned up without touching ours
 

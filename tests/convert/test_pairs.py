@@ -98,7 +98,7 @@ def test_mmeb_parquet(tmp_path, image_root):
 
 
 def test_mmeb_jsonl_and_cli(tmp_path, image_root):
-    from muco.cli.fit import main
+    from muco.cli import main
 
     src = tmp_path / "mmeb.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in mmeb_rows()))

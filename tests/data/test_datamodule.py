@@ -5,13 +5,15 @@ import json
 import logging
 import tarfile
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from muco.data.datamodule import M3TDataModule
+from muco.data.datamodule import MuCoDataModule
+from tests.data.builders import m3t_data
 
 TINY = {"tokenizer": "tiny", "image_policy": "tiny"}
 
@@ -20,14 +22,14 @@ def keys_of(loader) -> list[str]:
     return [k for b in loader for k in b["keys"]]
 
 
-def rank_loader(dm: M3TDataModule, rank: int, world: int, workers: int) -> DataLoader:
+def rank_loader(dm: MuCoDataModule, rank: int, world: int, workers: int) -> DataLoader:
     return DataLoader(dm.make_dataset("train", rank=rank, world_size=world), batch_size=None,
                       num_workers=workers)
 
 
 def test_batches_are_model_inputs(make_shards):
     pattern, keys, _ = make_shards(n_shards=2, per_shard=4)
-    dm = M3TDataModule(pattern, batch_size=3, num_workers=0, turns_per_sample=4, samples_per_epoch=6, **TINY)
+    dm = m3t_data(pattern, batch_size=3, num_workers=0, turns_per_sample=4, samples_per_epoch=6, **TINY)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert set(batch) >= {"query", "target", "num_turns", "keys", "stats"}
@@ -35,20 +37,20 @@ def test_batches_are_model_inputs(make_shards):
     assert set(batch["query"]) >= {"input_ids", "attention_mask", "pixel_values", "image_grid_thw"}
     assert "pixel_values" not in batch["target"]  # targets are text only
     stats = batch["stats"]
-    assert {k: stats[k] for k in ("skipped", "worker", "samples", "epoch", "train")} == {
+    assert {k: getattr(stats, k) for k in ("skipped", "worker", "samples", "epoch", "train")} == {
         "skipped": 0, "worker": "r0w0", "samples": 3, "epoch": 0, "train": True}
-    assert stats["position"] == {"raw": 3, "skipped": 0, "samples": 3, "batches": 1, "batch_no": 0}
+    assert asdict(stats.position) == {"raw": 3, "skipped": 0, "samples": 3, "batches": 1, "batch_no": 0}
     assert set(batch["keys"]) <= set(keys)
 
 
 def test_two_ranks_two_workers_split_disjointly(make_shards):
     pattern, keys, _ = make_shards(n_shards=8, per_shard=4)
-    dm = M3TDataModule(pattern, batch_size=2, num_workers=2, resampled=False, **TINY)
+    dm = m3t_data(pattern, batch_size=2, num_workers=2, resampled=False, **TINY)
     dm.setup("fit")
     seen = {}
     for rank in (0, 1):
         batches = list(rank_loader(dm, rank, 2, workers=2))
-        assert {b["stats"]["worker"] for b in batches} == {f"r{rank}w0", f"r{rank}w1"}
+        assert {b["stats"].worker for b in batches} == {f"r{rank}w0", f"r{rank}w1"}
         seen[rank] = [k for b in batches for k in b["keys"]]
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == keys  # every sample exactly once
@@ -56,7 +58,7 @@ def test_two_ranks_two_workers_split_disjointly(make_shards):
 
 def test_non_resampled_epoch_of_one_pass_has_no_duplicates(make_shards):
     pattern, keys, manifest = make_shards(n_shards=8, per_shard=4)
-    dm = M3TDataModule(str(manifest), batch_size=2, num_workers=2, resampled=False, shuffle_buffer=50, **TINY)
+    dm = m3t_data(str(manifest), batch_size=2, num_workers=2, resampled=False, shuffle_buffer=50, **TINY)
     dm.setup("fit")  # samples_per_epoch = 32 from the manifest: one pass; the pass repeats only after it
     seen = [keys_of(rank_loader(dm, rank, 2, workers=2)) for rank in (0, 1)]
     assert [len(s) for s in seen] == [16, 16]
@@ -66,7 +68,7 @@ def test_non_resampled_epoch_of_one_pass_has_no_duplicates(make_shards):
 def test_spawned_workers_split_by_the_explicit_rank(make_shards):
     """Spawned workers inherit no process group: the split must not rely on one (split_by_node would not split)."""
     pattern, keys, manifest = make_shards(n_shards=4, per_shard=2)
-    dm = M3TDataModule(str(manifest), batch_size=2, num_workers=1, resampled=False, **TINY)
+    dm = m3t_data(str(manifest), batch_size=2, num_workers=1, resampled=False, **TINY)
     dm.setup("fit")
     ds = dm.make_dataset("train", rank=1, world_size=2)
     loader = DataLoader(ds, batch_size=None, num_workers=1, multiprocessing_context="spawn")
@@ -78,7 +80,7 @@ def test_spawned_workers_split_by_the_explicit_rank(make_shards):
 
 def test_resampled_every_rank_gets_the_same_number_of_batches(make_shards):
     pattern, _, _ = make_shards(n_shards=3, per_shard=5)  # 15 samples: shards are drawn with replacement
-    dm = M3TDataModule(pattern, batch_size=2, num_workers=2, samples_per_epoch=40, shuffle_buffer=8, **TINY)
+    dm = m3t_data(pattern, batch_size=2, num_workers=2, samples_per_epoch=40, shuffle_buffer=8, **TINY)
     dm.setup("fit")
     per_rank = {}
     for rank in (0, 1):
@@ -91,7 +93,7 @@ def test_resampled_every_rank_gets_the_same_number_of_batches(make_shards):
     assert per_rank[0] != per_rank[1]  # seeds differ per rank
 
 
-def consume(dm: M3TDataModule, loader) -> list[list[str]]:
+def consume(dm: MuCoDataModule, loader) -> list[list[str]]:
     """Iterate like training does: the DataModule's batch hook records each batch's data position."""
     return [dm.on_before_batch_transfer(b, 0)["keys"] for b in loader]
 
@@ -99,7 +101,7 @@ def consume(dm: M3TDataModule, loader) -> list[list[str]]:
 def test_epochs_reseed_and_a_resplit_resume_moves_on(make_shards, caplog):
     pattern, _, manifest = make_shards(n_shards=4, per_shard=4)
     kw = dict(batch_size=4, num_workers=1, samples_per_epoch=16, shuffle_buffer=16, **TINY)
-    dm = M3TDataModule(str(manifest), **kw)
+    dm = m3t_data(str(manifest), **kw)
     dm.setup("fit")
     loader = dm.train_dataloader()  # persistent worker: the epoch reaches it through shared memory
     epochs = [[k for b in consume(dm, loader) for k in b] for _ in range(3)]
@@ -109,19 +111,19 @@ def test_epochs_reseed_and_a_resplit_resume_moves_on(make_shards, caplog):
     assert (state["epoch"], state["samples_seen"], state["world_size"], state["num_workers"]) == (2, 48, 1, 1)
     assert state["ranks"][0]["batches"] == 4
 
-    again = M3TDataModule(str(manifest), **kw)  # same seed: the same stream, epoch by epoch
+    again = m3t_data(str(manifest), **kw)  # same seed: the same stream, epoch by epoch
     again.setup("fit")
     assert keys_of(again.train_dataloader()) == epochs[0]
 
     # a checkpoint of epoch 1 written with 2 workers: the stream is re-split, so it moves on to epoch 2
-    resumed = M3TDataModule(str(manifest), **kw)
+    resumed = m3t_data(str(manifest), **kw)
     resumed.setup("fit")
     one = {**state, "epoch": 1, "num_workers": 2, "ranks": [{**state["ranks"][0], "epoch": 1}]}
     with caplog.at_level(logging.WARNING, logger="muco.data"):
         resumed.load_state_dict(one)
     assert "the stream is re-split" in caplog.text
     batches = list(resumed.train_dataloader())
-    assert batches[0]["stats"]["epoch"] == 2  # the next epoch's seed, not a replay of epoch 1
+    assert batches[0]["stats"].epoch == 2  # the next epoch's seed, not a replay of epoch 1
     assert [k for b in batches for k in b["keys"]] == epochs[2]
 
 
@@ -132,18 +134,18 @@ def test_a_resumed_epoch_continues_with_the_next_batch(make_shards, workers):
     _, _, manifest = make_shards(n_shards=4, per_shard=4)
     kw = dict(batch_size=2, num_workers=workers, samples_per_epoch=16, shuffle_buffer=8, turn_order="batch",
               **TINY)
-    dm = M3TDataModule(str(manifest), **kw)
+    dm = m3t_data(str(manifest), **kw)
     dm.setup("fit")
     full = list(dm.train_dataloader())
     assert len(full) == 8
     for k in (3, 5):
-        dm = M3TDataModule(str(manifest), **kw)
+        dm = m3t_data(str(manifest), **kw)
         dm.setup("fit")
         it = iter(dm.train_dataloader())
         for _ in range(k):
             dm.on_before_batch_transfer(next(it), 0)
         state = dm.state_dict()
-        resumed = M3TDataModule(str(manifest), **kw)
+        resumed = m3t_data(str(manifest), **kw)
         resumed.setup("fit")
         resumed.load_state_dict(state)
         rest = list(resumed.train_dataloader())
@@ -159,30 +161,30 @@ def test_a_resume_reads_past_trained_samples_without_decoding_them(tmp_path, jpe
     new skip, no warning) and the skip count carries over."""
     shards, good = _salted_shards(tmp_path, jpegs, rec_json)
     kw = dict(batch_size=1, num_workers=0, resampled=False, shuffle_buffer=0, samples_per_epoch=14, **TINY)
-    dm = M3TDataModule(shards[:1], **kw)
+    dm = m3t_data(shards[:1], **kw)
     dm.setup("fit")
     it = iter(dm.train_dataloader())
     taken = [dm.on_before_batch_transfer(next(it), 0)["keys"][0] for _ in range(4)]
     assert taken == ["good0", "good1", "good2", "good3"]  # good3 came after the 5 bad samples
     state = dm.state_dict()
     assert state["ranks"][0]["workers"][0]["skipped"] == 5 and state["ranks"][0]["workers"][0]["raw"] == 9
-    resumed = M3TDataModule(shards[:1], **kw)
+    resumed = m3t_data(shards[:1], **kw)
     resumed.setup("fit")
     resumed.load_state_dict(state)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="muco.data"):
         batch = resumed.on_before_batch_transfer(next(iter(resumed.train_dataloader())), 0)
     assert batch["keys"] == ["good4"] and caplog.records == []
-    assert batch["stats"]["skipped_total"] == 5
+    assert batch["stats"].skipped_total == 5
 
 def test_manifest_gives_the_epoch_length_and_weights_mix_sources(make_shards):
     a, _, man_a = make_shards("a", n_shards=2, per_shard=8)
     b, _, man_b = make_shards("b", n_shards=2, per_shard=8)
-    dm = M3TDataModule(str(man_a), batch_size=4, num_workers=0, **TINY)
+    dm = m3t_data(str(man_a), batch_size=4, num_workers=0, **TINY)
     dm.setup("fit")
     assert dm.train_config.samples_per_epoch == 16  # from the manifest
     assert len(dm.train_dataloader()) == 4
-    dm = M3TDataModule([str(man_a), b], train_weights=[3.0, 1.0], batch_size=4, num_workers=0,
+    dm = m3t_data([str(man_a), b], train_weights=[3.0, 1.0], batch_size=4, num_workers=0,
                        samples_per_epoch=400, **TINY)
     dm.setup("fit")
     src = Counter(k[0] for k in keys_of(dm.train_dataloader()))
@@ -234,7 +236,7 @@ def _salted_shards(tmp_path: Path, jpegs, rec_json) -> tuple[list[str], list[str
 
 def test_bad_samples_are_skipped_counted_and_logged(tmp_path, jpegs, rec_json, caplog):
     shards, good = _salted_shards(tmp_path, jpegs, rec_json)
-    dm = M3TDataModule(shards, batch_size=1, num_workers=0, resampled=False, **TINY)
+    dm = m3t_data(shards, batch_size=1, num_workers=0, resampled=False, **TINY)
     dm.setup("fit")
     ds = dm.make_dataset("train")
     with caplog.at_level(logging.WARNING, logger="muco.data"):
@@ -242,7 +244,7 @@ def test_bad_samples_are_skipped_counted_and_logged(tmp_path, jpegs, rec_json, c
     assert sorted(k for b in batches for k in b["keys"]) == sorted(good)  # every good sample arrives
     # corrupt JPEG, missing json, 5 turns, empty query, bad JSON, truncated tar: each counted once
     assert (ds.position.skipped, ds.position.samples) == (6, 7)
-    assert max(b["stats"]["skipped"] for b in batches) <= 6
+    assert max(b["stats"].skipped for b in batches) <= 6
     # warnings name shard and key; rate-limited: the first 5 in full, the 6th within 30 s suppressed
     bad = {"corrupt": 0, "nojson": 0, "fiveturns": 0, "emptyq": 0, "badjson": 0, "good7": 1}
     assert len(caplog.records) == 6
@@ -271,17 +273,17 @@ def test_skip_log_is_rate_limited(caplog, monkeypatch):
 
 def test_bad_samples_do_not_stop_real_workers(tmp_path, jpegs, rec_json):
     shards, good = _salted_shards(tmp_path, jpegs, rec_json)
-    dm = M3TDataModule(shards, batch_size=1, num_workers=2, resampled=False, **TINY)
+    dm = m3t_data(shards, batch_size=1, num_workers=2, resampled=False, **TINY)
     dm.setup("fit")
     batches = list(dm.train_dataloader())
     assert sorted(k for b in batches for k in b["keys"]) == sorted(good)
-    assert {b["stats"]["worker"] for b in batches} == {"r0w0", "r0w1"}
+    assert {b["stats"].worker for b in batches} == {"r0w0", "r0w1"}
 
 
 def test_validation_reads_everything_once_with_partial_batches(make_shards):
     train, _, _ = make_shards("train", n_shards=2, per_shard=4)
     val, val_keys, _ = make_shards("val", n_shards=3, per_shard=3)
-    dm = M3TDataModule(train, val_shards=val, batch_size=4, num_workers=2, samples_per_epoch=8, **TINY)
+    dm = m3t_data(train, val_shards=val, batch_size=4, num_workers=2, samples_per_epoch=8, **TINY)
     dm.setup("fit")
     assert sorted(keys_of(dm.val_dataloader())) == val_keys  # 9 samples: the partial batch is kept
     two = [keys_of(DataLoader(dm.make_dataset("val", r, 2), batch_size=None)) for r in (0, 1)]
@@ -297,19 +299,19 @@ def test_pair_shards_given_to_the_m3t_datamodule_fail_early(tmp_path):
         info = tarfile.TarInfo("p0000.json")
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
-    with pytest.raises(ValueError, match="holds fine-tuning pairs .*PairDataModule"):
+    with pytest.raises(ValueError, match="holds fine-tuning pairs .*PairRecords"):
         _setup_error(train_shards=str(tmp_path / "pairs-000000.tar"))
 
 
 def test_no_val_shards_means_no_validation_loop(make_shards):
     train, _, _ = make_shards("train", n_shards=2, per_shard=4)
-    dm = M3TDataModule(train, val_shards=None, batch_size=4, num_workers=0, samples_per_epoch=8, **TINY)
+    dm = m3t_data(train, val_shards=None, batch_size=4, num_workers=0, samples_per_epoch=8, **TINY)
     dm.setup("fit")
     assert dm.val_dataloader() == []  # Lightning then skips validation instead of failing mid-fit
 
 
 def _setup_error(**kw):
-    dm = M3TDataModule(**{"batch_size": 2, "num_workers": 0, "samples_per_epoch": 8, **TINY, **kw})
+    dm = m3t_data(**{"batch_size": 2, "num_workers": 0, "samples_per_epoch": 8, **TINY, **kw})
     return dm.setup("fit")
 
 
@@ -357,7 +359,7 @@ def test_lightning_fit_epochs_checkpoint_and_resume(make_shards, tmp_path):
             self.val_keys: list[str] = []
 
         def training_step(self, batch, batch_idx):
-            self.seen.append((self.current_epoch, batch["stats"]["epoch"]))
+            self.seen.append((self.current_epoch, batch["stats"].epoch))
             return ((self.w - batch["num_turns"].float().mean()) ** 2).sum()
 
         def validation_step(self, batch, batch_idx):
@@ -370,7 +372,7 @@ def test_lightning_fit_epochs_checkpoint_and_resume(make_shards, tmp_path):
     val, val_keys, _ = make_shards("val", n_shards=1, per_shard=3)
 
     def run(max_epochs: int, ckpt: str | None = None) -> tuple[Probe, Trainer]:
-        dm = M3TDataModule(train, val_shards=val, batch_size=2, num_workers=1, samples_per_epoch=6, **TINY)
+        dm = m3t_data(train, val_shards=val, batch_size=2, num_workers=1, samples_per_epoch=6, **TINY)
         model = Probe()
         trainer = Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False,
                           enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
@@ -383,7 +385,7 @@ def test_lightning_fit_epochs_checkpoint_and_resume(make_shards, tmp_path):
     assert sorted(model.val_keys) == sorted(val_keys * 2)  # validated after each epoch, all samples
     ckpt = str(tmp_path / "last.ckpt")
     trainer.save_checkpoint(ckpt)
-    state = torch.load(ckpt, weights_only=True)["M3TDataModule"]  # Lightning stores the DataModule's state
+    state = torch.load(ckpt, weights_only=True)["MuCoDataModule"]  # Lightning stores the DataModule's state
     assert (state["epoch"], state["samples_seen"], state["seed"]) == (1, 12, 0)
     assert state["ranks"][0]["batches"] == 3  # the epoch was complete: a resume starts the next one
     resumed, _ = run(3, ckpt)
@@ -408,7 +410,7 @@ def test_mined_negatives_join_their_samples_and_turns(make_shards, tmp_path, cap
         rows[(keys[0], t)] = rows[(keys[0], t)][:1] if t == 3 else rows[(keys[0], t)]
     sidecar = write_sidecar(tmp_path / "mined", rows)
     kw = dict(batch_size=4, num_workers=0, turns_per_sample=5, resampled=False, **TINY)  # each sample once
-    dm = M3TDataModule(str(manifest), val_shards=pattern, **kw,
+    dm = m3t_data(str(manifest), val_shards=pattern, **kw,
                        negatives={"sidecar": str(sidecar), "band": [3, 6], "per_turn": 2})
     with caplog.at_level(logging.INFO, logger="muco.data"):
         dm.setup("fit")
@@ -435,9 +437,9 @@ def test_mined_negatives_join_their_samples_and_turns(make_shards, tmp_path, cap
     assert not any(k.startswith("negative") for b in dm.val_dataloader() for k in b)
 
     # reproducible, and switching negatives on does not change the drawn turns and queries
-    again = M3TDataModule(str(manifest), **kw, negatives={"sidecar": str(sidecar), "band": [3, 6], "per_turn": 2})
+    again = m3t_data(str(manifest), **kw, negatives={"sidecar": str(sidecar), "band": [3, 6], "per_turn": 2})
     again.setup("fit")
-    plain = M3TDataModule(str(manifest), **kw)
+    plain = m3t_data(str(manifest), **kw)
     plain.setup("fit")
     for a, b, c in zip(again.train_dataloader(), batches, plain.train_dataloader()):
         assert torch.equal(a["negative_text_id"], b["negative_text_id"])
@@ -449,7 +451,7 @@ def test_negatives_sidecar_errors_are_early_and_clear(make_shards, tmp_path):
     _, _, manifest = make_shards(n_shards=2, per_shard=4)
 
     def setup(sidecar):
-        dm = M3TDataModule(str(manifest), batch_size=2, num_workers=0, **TINY, negatives={"sidecar": str(sidecar)})
+        dm = m3t_data(str(manifest), batch_size=2, num_workers=0, **TINY, negatives={"sidecar": str(sidecar)})
         dm.setup("fit")
 
     with pytest.raises(FileNotFoundError, match=r"data.negatives.sidecar=.*nowhere' does not exist"):
@@ -463,7 +465,7 @@ def test_negatives_sidecar_errors_are_early_and_clear(make_shards, tmp_path):
     with pytest.raises(ValueError, match=r"data.negatives.sidecar=.*bad' is not a readable negatives sidecar"):
         setup(bad)
     with pytest.raises(ValueError, match="band must be"):
-        M3TDataModule(str(manifest), negatives={"sidecar": str(bad), "band": [0, 3]})
+        m3t_data(str(manifest), negatives={"sidecar": str(bad), "band": [0, 3]})
 
 
 def _shard(path: Path, records: list[tuple[str, dict]], jpegs) -> str:
@@ -486,12 +488,12 @@ def test_the_turn_count_is_the_sources_not_the_first_records(tmp_path, jpegs, re
     url = _shard(tmp_path / "s-000000.tar", records, jpegs)
     manifest = write_manifest(tmp_path / "manifest.json", [{"name": url, "num_samples": 7}], turns=7)
     for spec, kw in ((str(manifest), {}), (url, {"turns_per_record": 7})):
-        dm = M3TDataModule(spec, batch_size=2, num_workers=0, resampled=False, turns_per_sample=3,
+        dm = m3t_data(spec, batch_size=2, num_workers=0, resampled=False, turns_per_sample=3,
                            samples_per_epoch=6, **kw, **TINY)
         dm.setup("fit")
         batches = list(dm.train_dataloader())
         assert sorted(keys_of(batches)) == good
-        assert batches[-1]["stats"]["skipped"] == 1
+        assert batches[-1]["stats"].skipped == 1
 
 
 def test_empty_tars_stop_with_an_error_instead_of_spinning(tmp_path):
@@ -503,7 +505,7 @@ def test_empty_tars_stop_with_an_error_instead_of_spinning(tmp_path):
         with tarfile.open(tmp_path / f"empty-{i}.tar", "w"):
             pass
         urls.append(str(tmp_path / f"empty-{i}.tar"))
-    dm = M3TDataModule(urls, batch_size=2, num_workers=0, resampled=True, samples_per_epoch=8, **TINY)
+    dm = m3t_data(urls, batch_size=2, num_workers=0, resampled=True, samples_per_epoch=8, **TINY)
     dm.setup("fit")
     t0 = time.monotonic()
     with pytest.raises(RuntimeError, match=r"1000 shards in a row held no sample .*check data.train_shards"):
@@ -531,7 +533,7 @@ def test_length_bounds_skip_a_sample_instead_of_widening_its_batch(tmp_path, jpe
     good = [f"good{i}" for i in range(4)]
     url = _shard(tmp_path / "s-000000.tar", [("long_target", long_target), ("long_sequence", long_sequence)]
                  + [(k, rec_json(k)) for k in good], jpegs)
-    dm = M3TDataModule(url, batch_size=1, num_workers=0, resampled=False, turns_per_sample=7,
+    dm = m3t_data(url, batch_size=1, num_workers=0, resampled=False, turns_per_sample=7,
                        max_text_chars=2000, max_sequence_chars=6000, **TINY)
     dm.setup("fit")
     ds = dm.make_dataset("train")

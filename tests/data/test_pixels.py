@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from muco.data.stream import load_image
+from muco.data.images import load_image
 from muco.inputs.image_policy import PATCH_DIM, ImagePolicy, patchify
 from muco.inputs.sequence import SequenceEncoder
 from muco.inputs.templates import base_template, single_turn_user_text
@@ -133,9 +133,9 @@ def test_device_normalisation_is_exact_on_cuda():
 def test_embeddings_equal_through_both_paths(tiny_tok, photos, big_photos, dtype):
     """The tiny model's embeddings from uint8 inputs (normalised in ``Embedder``) equal those from the stock
     processor's float inputs, in fp32 and in a bf16 model (which casts pixels to bf16 in its patch embed)."""
+    from muco.inputs.tokenizer import SpecialTokenIds
     from muco.model.backbone import BackboneConfig, build_backbone
     from muco.model.embedder import Embedder
-    from muco.model.tokenizer import SpecialTokenIds
 
     torch.manual_seed(0)
     model = build_backbone(BackboneConfig(preset="tiny", attn_implementation="eager"), tiny_tok).to(dtype)

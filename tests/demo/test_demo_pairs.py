@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from muco.data.pair_datamodule import PairDataModule
+from tests.data.builders import pair_data
 
 
 def test_demo_pairs_cover_the_eval_task_kinds(demo_data):
@@ -23,7 +23,7 @@ def test_demo_pairs_cover_the_eval_task_kinds(demo_data):
     no_neg = sum(r["neg_text"] == "[]" for r in rows)
     assert 0.05 * len(rows) < no_neg < 0.15 * len(rows)
 
-    dm = PairDataModule(str(out / "train" / "manifest.json"), batch_size=16, num_workers=0, tokenizer="tiny",
+    dm = pair_data(str(out / "train" / "manifest.json"), batch_size=16, num_workers=0, tokenizer="tiny",
                         samples_per_epoch=32, shuffle_buffer=50)
     dm.setup("fit")
     batch = next(iter(dm.make_dataset("train")))

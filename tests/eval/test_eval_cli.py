@@ -81,7 +81,7 @@ def test_eval_cli_end_to_end(setup, tmp_path, capsys, monkeypatch):
     def no_load(*a, **k):
         raise AssertionError("model loaded although every task was done")
 
-    monkeypatch.setattr("muco.encoder.load_encoder", no_load)
+    monkeypatch.setattr("muco.train.checkpoint.load_encoder", no_load)
     assert main(args(model, tasks, out, "--skip-missing")) == 0
     with pytest.raises(AssertionError, match="model loaded"):
         main(args(model, tasks, out, "--skip-missing", "--only", "Toy", "--limit", "2"))
@@ -193,8 +193,39 @@ def test_no_model_is_loaded_when_no_task_has_data(setup, tmp_path, capsys, monke
     def no_load(*a, **k):
         raise AssertionError("model loaded although no task has data")
 
-    monkeypatch.setattr("muco.encoder.load_encoder", no_load)
+    monkeypatch.setattr("muco.train.checkpoint.load_encoder", no_load)
     assert main(args(model, tasks, tmp_path / "out")) == 1
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert list(summary["failed"]) == ["Gone"] and summary["overall"]["score"] is None
     assert "1 of 1 task(s) failed" in capsys.readouterr().err
+
+
+def test_each_result_is_printed_once(setup, tmp_path):
+    """What a terminal shows (stdout and stderr of the real command): one line per result, the table row of a
+    scored task and the message of a failed one; the per-task log records come with --verbose."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    model, tasks, _ = setup
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+    def console(*extra: str) -> tuple[int, list[str]]:
+        res = subprocess.run([sys.executable, "-m", "muco", "eval", *args(model, tasks, tmp_path / "out", *extra)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=300)
+        return res.returncode, res.stdout.splitlines()
+
+    def naming(lines: list[str], name: str) -> list[str]:
+        return [ln for ln in lines if re.search(rf"\b{name}\b", ln)]
+
+    code, lines = console()
+    assert code == 1, "\n".join(lines[-30:])
+    message = json.loads((tmp_path / "out" / "summary.json").read_text())["failed"]["Gone"]["message"]
+    for name in ("Toy", "Ret"):
+        assert len(naming(lines, name)) == 1, "\n".join(lines)
+    assert len([ln for ln in lines if message in ln]) == 1, "\n".join(lines)
+    assert message in (tmp_path / "out" / "results.txt").read_text()  # the file keeps it under its table
+
+    code, lines = console("--verbose", "--overwrite")
+    assert code == 1 and len(naming(lines, "Toy")) == 2, "\n".join(lines)  # the record as it finished, the row

@@ -1,4 +1,5 @@
-"""Fixtures for the mining tests: tiny shards with shared and near-duplicate targets, a tiny checkpoint."""
+"""Fixtures for the mining tests: tiny shards with shared and near-duplicate targets, a tiny checkpoint, and one
+mining run of the pipeline in this process."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from tests.data.conftest import jpeg, record_json
 TURNS = 3
 SHARED = "A shared answer."
 NEAR_DUP = "a  SHARED answer"
+# the mining settings of the tests: an untrained model puts every text near every query, a zero margin keeps some
+TOP_K, MARGIN, EXTRA, BATCH, QUERY_CHUNK, CORPUS_CHUNK = 4, 0.0, 8, 3, 7, 5
 
 
 def mining_records(n: int = 12) -> list[tuple[str, dict]]:
@@ -70,3 +73,23 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "last.ckpt"
     torch.save(ckpt, path)
     return path
+
+
+def mine_config(ckpt: Path, manifest: Path, out: Path, **changes):
+    """The tests' mining settings (the same as test_mine_cli's command line) as the pipeline's config."""
+    from muco.data.shards import resolve_shards
+    from muco.mine.pipeline import MineConfig, resolve_image_policy
+
+    kw = dict(model=str(ckpt), shards=tuple(resolve_shards([str(manifest)]).urls), output=str(out), top_k=TOP_K,
+              margin=MARGIN, extra=EXTRA, image_policy=resolve_image_policy(ckpt, "train"), batch_size=BATCH,
+              query_chunk=QUERY_CHUNK, corpus_chunk=CORPUS_CHUNK, num_workers=0, progress=False)
+    return MineConfig(**{**kw, **changes})
+
+
+@pytest.fixture(scope="package")
+def pipeline_mined(tiny_ckpt, mine_shards, tmp_path_factory):
+    """``muco.mine.pipeline.mine`` run in this process (one process, CPU): (config, returned summary)."""
+    from muco.mine.pipeline import mine
+
+    cfg = mine_config(tiny_ckpt, mine_shards[0], tmp_path_factory.mktemp("pipeline") / "out")
+    return cfg, mine(cfg, "cpu")

@@ -8,9 +8,9 @@ import logging
 import pytest
 import torch
 
+from muco.data.images import load_image
 from muco.data.m3t.collate import PretrainCollator, PretrainSample
 from muco.data.shards import read_manifest
-from muco.data.stream import load_image
 from muco.inputs.image_policy import ImagePolicy
 from muco.inputs.sequence import SequenceEncoder
 from muco.inputs.templates import pretrain_template
@@ -50,7 +50,7 @@ def test_strided_split_covers_every_sample_once(tiny_tok, mine_shards):
 
 @pytest.fixture(scope="module")
 def encoder(tiny_ckpt):
-    from muco.encoder import load_encoder
+    from muco.train.checkpoint import load_encoder
 
     return load_encoder(tiny_ckpt, image_policy="tiny")
 

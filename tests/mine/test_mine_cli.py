@@ -1,4 +1,5 @@
-"""`muco mine` end to end on tiny shards and a tiny checkpoint: 1 process, 2 processes (DDP, gloo), rerun."""
+"""`muco mine` end to end on tiny shards and a tiny checkpoint: 1 process, 2 processes (DDP, gloo), rerun; the
+command writes what the pipeline (tests/mine/test_pipeline.py) writes when called directly."""
 
 from __future__ import annotations
 
@@ -7,20 +8,17 @@ import os
 
 import pytest
 
-from muco.cli.mine import is_complete, main, parse_args, resolve_image_policy, settings
-from muco.data.shards import resolve_shards
-from muco.mine.select import normalize_text
-from muco.mine.sidecar import iter_sidecar_rows, load_sidecar, read_sidecar_manifest
-from tests.mine.conftest import NEAR_DUP, SHARED, TURNS
+from muco.cli.mine import main, parse_args
+from muco.data.m3t.sidecar import iter_sidecar_rows, load_sidecar, read_sidecar_manifest
+from muco.mine.pipeline import settings
+from tests.mine.conftest import BATCH, CORPUS_CHUNK, EXTRA, MARGIN, QUERY_CHUNK, TOP_K, mine_config
 from tests.train.conftest import REPO, run_muco
-
-TOP_K, MARGIN = 4, 0.0  # an untrained model puts every text near every query: a zero margin keeps some
 
 
 def _args(ckpt, manifest, out, *extra: str) -> list[str]:
     return ["mine", "--model", str(ckpt), "--shards", str(manifest), "--output", str(out), "--top-k", str(TOP_K),
-            "--margin", str(MARGIN), "--extra", "8", "--batch-size", "3", "--num-workers", "0", "--query-chunk", "7",
-            "--corpus-chunk", "5", "--no-progress", *extra]
+            "--margin", str(MARGIN), "--extra", str(EXTRA), "--batch-size", str(BATCH), "--num-workers", "0",
+            "--query-chunk", str(QUERY_CHUNK), "--corpus-chunk", str(CORPUS_CHUNK), "--no-progress", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -34,40 +32,15 @@ def mined(tiny_ckpt, mine_shards, tmp_path_factory):
     return root, procs, records
 
 
-def test_sidecar_content_follows_the_filters(mined):
+def test_the_command_writes_what_the_pipeline_writes(mined, pipeline_mined):
     root, procs, records = mined
-    side = load_sidecar(root / "one")
+    cfg, summary = pipeline_mined
     man = read_sidecar_manifest(root / "one")
-    assert man["format"] == "muco-negatives/1" and man["top_k"] == TOP_K and man["margin"] == MARGIN
-    assert man["num_query_turns"] == len(records) * TURNS == len(side)
-    summary = man["summary"]
-    assert summary["skipped_samples"] == 1 and summary["samples"] == len(records)
-    assert summary["query_turns"] == len(records) * TURNS
-    assert set(summary["filtered"]) == {"positive", "same_sample", "near_duplicate", "false_negative"}
-    assert summary["filtered"]["positive"] > 0 and summary["filtered"]["same_sample"] > 0
+    assert man["settings"] == settings(cfg) and man["summary"] == summary
+    assert list(iter_sidecar_rows(root / "one")) == list(iter_sidecar_rows(cfg.output))
+    # what the command adds: the named skip warning on stderr, the summary on stdout
     assert "bad0001" in procs["one"].stderr and "train-000001.tar" in procs["one"].stderr  # named skip warning
-    assert json.loads(procs["one"].stdout[procs["one"].stdout.index("{"):]) == summary
-
-    rows = {(r["key"], r["turn"]): r for r in iter_sidecar_rows(root / "one")}
-    short = 0
-    for key, rec in records:
-        targets = [t["target"] for t in rec["turns"]]
-        for turn, pos in enumerate(targets):
-            negs = side[(key, turn)]
-            short += len(negs) < TOP_K
-            assert [n.rank for n in negs] == list(range(1, len(negs) + 1)) and len(negs) <= TOP_K
-            sims = [n.sim for n in negs]
-            assert sims == sorted(sims, reverse=True)
-            pos_sim = rows[(key, turn)]["pos_sim"]
-            assert all(s <= pos_sim - MARGIN + 1e-6 for s in sims)
-            texts = [n.text for n in negs]
-            assert not set(texts) & set(targets), "positive or a same-image target kept"
-            assert all(normalize_text(t) != normalize_text(pos) for t in texts), "near-duplicate kept"
-    assert short == summary["turns_short"] < len(side) and summary["negatives_kept"] > 0
-    assert summary["filtered"]["false_negative"] > 0
-    # the shared text is the positive of s0001 turn 0 and of s0004 turn 2; its near-duplicate is excluded for both
-    assert NEAR_DUP not in {n.text for n in side[("s0001", 0)]} | {n.text for n in side[("s0004", 2)]}
-    assert SHARED not in {n.text for n in side[("s0002", 1)]}
+    assert json.loads(procs["one"].stdout[procs["one"].stdout.index("{"):]) == man["summary"]
 
 
 def test_two_processes_equal_one(mined):
@@ -88,8 +61,18 @@ def test_rerun_is_skipped_unless_overwrite(mined, tiny_ckpt, mine_shards, capsys
     assert main(_args(tiny_ckpt, manifest, root / "one")[1:]) == 0  # same settings: nothing to do
     assert "already holds" in capsys.readouterr().out
     assert os.stat(root / "one" / "manifest.json").st_mtime_ns == stamp
-    # other settings are not "complete": the decision reads the stored settings
+    # other settings are not "complete": the decision reads the stored settings (more in test_pipeline.py)
     args = parse_args(_args(tiny_ckpt, manifest, root / "one", "--margin", "0.1")[1:])
-    wanted = settings(args, resolve_shards(args.shards).urls, resolve_image_policy(args.model, "train"), "none")
+    wanted = settings(mine_config(tiny_ckpt, manifest, root / "one", margin=args.margin))
     assert wanted["image_policy"] == "tiny"  # the training data's policy, read from the checkpoint
-    assert not is_complete(root / "one", wanted)
+    assert wanted != read_sidecar_manifest(root / "one")["settings"]
+
+
+def test_turns_per_sequence_must_be_a_choice_or_a_positive_number(tiny_ckpt, mine_shards, tmp_path):
+    manifest, _ = mine_shards
+    for bad in ("0", "some"):
+        with pytest.raises(SystemExit) as e:
+            main(_args(tiny_ckpt, manifest, tmp_path / "out", "--turns-per-sequence", bad)[1:])
+        assert str(e.value) == ("muco mine: --turns-per-sequence must be train, all or a positive number, got "
+                                f"{bad!r}")
+    assert not (tmp_path / "out").exists()

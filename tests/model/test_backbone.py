@@ -6,9 +6,9 @@ from muco.inputs.image_policy import ImagePolicy
 from muco.inputs.sequence import SequenceEncoder
 from muco.inputs.templates import base_template, finetune_template, pretrain_query_turns, pretrain_template
 from muco.inputs.templates import single_turn_user_text as user
+from muco.inputs.tokenizer import SpecialTokenIds
 from muco.model.backbone import AdapterConfig, BackboneConfig, build_backbone, unwrap_qwen2vl
 from muco.model.embedder import Embedder
-from muco.model.tokenizer import SpecialTokenIds
 
 
 @pytest.fixture(scope="module")

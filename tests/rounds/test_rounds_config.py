@@ -39,9 +39,9 @@ def test_fit_commands_carry_the_round_settings(tmp_path):
     runner = RoundsRunner(cfg, python="python")
     first, third = runner.fit_command(1), runner.fit_command(3)
     assert first[:5] == ["srun", "-N2", "python", "-m", "muco"] and "--model.init_args.init_from" not in first
-    assert "--data.init_args.negatives" not in first
+    assert "--data.init_args.records.init_args.negatives" not in first
     assert third[third.index("--model.init_args.init_from") + 1] == str(tmp_path / "round2/fit/checkpoints/last.ckpt")
-    negs = third[third.index("--data.init_args.negatives") + 1]
+    negs = third[third.index("--data.init_args.records.init_args.negatives") + 1]
     assert negs == '{"sidecar": "%s", "band": [5, 30], "per_turn": 2}' % (tmp_path / "round2" / "negatives")
     assert third[third.index("--model.init_args.temperature") + 1] == "0.0275"  # cosine 0.05 -> 0.02, 2/3 of the way
     last = runner.fit_command(4)

@@ -69,7 +69,7 @@ def test_two_rounds_mine_between_them_and_continue_where_stopped(tmp_path, demo_
     # round 2 started from round 1's weights, with its mined negatives and its own τ
     saved = yaml.safe_load((run / "round2" / "fit" / "config.yaml").read_text())
     assert saved["model"]["init_args"]["init_from"] == str(run / "round1" / "fit" / "checkpoints" / "last.ckpt")
-    assert saved["data"]["init_args"]["negatives"]["band"] == [2, 6]
+    assert saved["data"]["init_args"]["records"]["init_args"]["negatives"]["band"] == [2, 6]
     scalars = read_scalars(run / "round2" / "fit")
     assert scalars["train/neg_valid_frac"][-1][1] > 0.5  # the samples found their mined negatives
     assert scalars["train/temperature"][-1][1] == pytest.approx(0.03)

@@ -20,7 +20,7 @@ def two_shards(tmp_path_factory, demo_data):
     """2 shards of 4 images each: one per rank, or one batch of 8 for a single process."""
     import json
 
-    from muco.convert.pipeline import convert_jsonl
+    from muco.convert.m3t import convert_jsonl
 
     root = tmp_path_factory.mktemp("two")
     lines = (demo_data / "train.jsonl").read_text().splitlines()[:8]
@@ -91,7 +91,7 @@ def sidecar_args(tmp_path_factory, demo_data) -> list[str]:
     keys = [json.loads(x)["key"] for x in (demo_data / "train.jsonl").read_text().splitlines()[:8]]
     rows = {(k, t): [neg_text(k, t, r) for r in range(1, 4)] for k in keys[1:] for t in range(6)}
     side = write_sidecar(tmp_path_factory.mktemp("sidecar") / "negatives", rows)
-    return [f"--data.init_args.negatives={{sidecar: {side}, band: [1, 3], per_turn: 1}}"]
+    return [f"--data.init_args.records.init_args.negatives={{sidecar: {side}, band: [1, 3], per_turn: 1}}"]
 
 
 def test_ddp_with_mined_negatives_gradients_equal_single_process(muco_cli, tmp_path, two_shards, sidecar_args,

@@ -21,18 +21,21 @@ trainer:
   limit_val_batches: 0
   gradient_clip_val: 1.0
 model:
-  class_path: muco.train.finetune_module.FinetuneModule
+  class_path: muco.train.module.MuCoModule
   init_args:
     tokenizer: tiny
     backbone:
       preset: tiny
       adapter: {r: 4, alpha: 8}
-    loss: LOSS
+    objective:
+      class_path: muco.objectives.FinetuneObjective
+      init_args: {loss: LOSS}
     optim: {lr: 1.0e-3}
 data:
-  class_path: muco.data.pair_datamodule.PairDataModule
+  class_path: muco.data.datamodule.MuCoDataModule
   init_args:
     train_shards: MANIFEST
+    records: {class_path: muco.data.pairs.kind.PairRecords}
     resampled: false
     shuffle_buffer: 0
     num_workers: 0

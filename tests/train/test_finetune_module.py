@@ -1,5 +1,5 @@
-"""FinetuneModule: steps with both losses, logged terms, the placeholder switch, starting from a pretraining
-checkpoint (continue / merge), and rebuilding fine-tuning checkpoints."""
+"""MuCoModule with the fine-tuning objective: steps with both losses, logged terms, the placeholder switch,
+starting from a pretraining checkpoint (continue / merge), and rebuilding fine-tuning checkpoints."""
 
 from __future__ import annotations
 
@@ -13,8 +13,16 @@ from muco.inputs.image_policy import ImagePolicy
 from muco.inputs.templates import MASK_TOKEN
 from muco.losses.finetune import TERM_NAMES
 from muco.model.backbone import AdapterConfig, BackboneConfig
-from muco.train.finetune_module import FinetuneModule
+from muco.objectives import FinetuneObjective
 from muco.train.module import MuCoModule
+
+OBJECTIVE_ARGS = ("loss", "hard_negatives", "released_placeholder", "mask_same_text")
+
+
+def FinetuneModule(**kw) -> MuCoModule:  # noqa: N802  (reads like the module it builds)
+    """``MuCoModule`` with a ``FinetuneObjective`` made of the objective's options among ``kw``."""
+    objective = FinetuneObjective(**{k: kw.pop(k) for k in OBJECTIVE_ARGS if k in kw})
+    return MuCoModule(objective=objective, **kw)
 
 
 def backbone(r: int = 4) -> BackboneConfig:
@@ -104,7 +112,7 @@ def test_init_from_continues_the_adapter_and_checkpoints_rebuild(pretrained, bat
     ckpt = torch.load(tmp_path / "ft.ckpt", weights_only=False)
     assert ckpt["hyper_parameters"]["init_from"] is None and ckpt["muco_init_from"] == str(path)
     rebuilt = load_module(tmp_path / "ft.ckpt")
-    assert type(rebuilt) is FinetuneModule
+    assert type(rebuilt) is MuCoModule and isinstance(rebuilt.objective, FinetuneObjective)
     torch.testing.assert_close(embed(rebuilt, batches[0]), embed(ft.eval(), batches[0]))
 
 
@@ -127,5 +135,5 @@ def test_init_from_errors(pretrained, tmp_path):
                        init_from=str(path))
     with pytest.raises(FileNotFoundError, match="init_from"):
         FinetuneModule(backbone=backbone(), init_from=str(tmp_path / "nope.ckpt"))
-    with pytest.raises(ValueError, match="model.loss"):
+    with pytest.raises(ValueError, match="model.objective.loss"):
         FinetuneModule(loss="infonce")

@@ -16,6 +16,10 @@ def data_args(demo: Path) -> list[str]:
             f"--data.init_args.val_shards={demo}/val/manifest.json"]
 
 
+def start_lines(stderr: str) -> list[str]:
+    return [ln for ln in stderr.splitlines() if "run directory:" in ln]
+
+
 def test_fit_logs_metrics_and_loss_falls(muco_cli, demo_data, tmp_path):
     res = muco_cli("fit", "--config", CONFIG, *data_args(demo_data), "--trainer.max_steps=30",
                    "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false", cwd=tmp_path)
@@ -53,6 +57,9 @@ def test_resume_continues_at_the_right_step_with_optimizer_state(muco_cli, demo_
     second = muco_cli(*common, "--trainer.max_steps=15", "--ckpt_path=last", cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming from" in second.stderr and "last.ckpt" in second.stderr
+    start = start_lines(second.stderr)
+    assert start == [f"[muco] run directory: {run.resolve()} (checkpoints/, TensorBoard events, skipped.jsonl); "
+                     f"resuming from {run / 'checkpoints' / 'last.ckpt'} (its newest checkpoint)"], start
     resumed = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert resumed["global_step"] == 15
     # Adam's step counters went on from 10: the optimizer state was restored, not rebuilt
@@ -97,9 +104,9 @@ def test_errors_are_one_line_with_the_fix_and_no_traceback(muco_cli, demo_data, 
 
 
 def test_the_message_is_muco_s_own_through_library_wrappers():
-    from muco.cli.fit import user_message
+    from muco.cli import user_message
+    from muco.inputs.tokenizer import build_tokenizer
     from muco.model.backbone import BackboneConfig, build_backbone
-    from muco.model.tokenizer import build_tokenizer
 
     try:
         try:
@@ -112,3 +119,52 @@ def test_the_message_is_muco_s_own_through_library_wrappers():
         int("x")
     except ValueError as plain:  # nothing of muco's: the library's message, with its type
         assert user_message(plain) == "ValueError: invalid literal for int() with base 10: 'x'"
+
+
+def test_a_short_run_says_where_it_lives_shows_its_steps_and_logs_no_hp_metric(muco_cli, demo_data, tmp_path):
+    res = muco_cli("fit", "--config", CONFIG, *data_args(demo_data), "--trainer.max_steps=2",
+                   "--trainer.log_every_n_steps=1", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = (tmp_path / "runs" / "tiny").resolve()
+    # one line at the start: the run directory, absolute, and that the run starts fresh
+    assert start_lines(res.stderr) == [
+        f"[muco] run directory: {run} (checkpoints/, TensorBoard events, skipped.jsonl); starting fresh"]
+    # the progress bar counts steps out of max_steps; Lightning's default read "Epoch 0/-2" (max_epochs -1)
+    shown = res.stdout + res.stderr
+    assert "epoch 0, step 2/2" in shown and "/-2" not in shown, shown[-3000:]
+    # TensorBoard: the module's metrics, without the logger's placeholder hp_metric (-1)
+    scalars = read_scalars(run)
+    assert "train/loss" in scalars and "hp_metric" not in scalars, sorted(scalars)
+    assert sorted(scalars).count("train/lr") == 1 and not [k for k in scalars if k.startswith("lr-")]
+
+
+def test_fit_help_has_muco_s_optimizer_settings_only(muco_cli, demo_data, tmp_path):
+    res = muco_cli("fit", "--help", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "--model.help" in res.stdout  # muco's model.optim is under model.init_args
+    assert "--optimizer" not in res.stdout and "--lr_scheduler" not in res.stdout
+    res = muco_cli("fit", "--config", CONFIG, *data_args(demo_data), "--optimizer=Adam", "--trainer.max_steps=1",
+                   cwd=tmp_path)
+    assert res.returncode != 0 and "--optimizer" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "runs" / "tiny" / "checkpoints").exists()
+
+
+def progress_bars(demo_data, tmp_path, *args):
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from muco.cli.fit import build_cli
+
+    cli = build_cli(["--config", CONFIG, *data_args(demo_data), f"--trainer.default_root_dir={tmp_path / 'run'}",
+                     *args], run=False)
+    return [c for c in cli.trainer.callbacks if isinstance(c, ProgressBar)]
+
+
+def test_the_cli_adds_its_progress_bar_unless_the_config_has_one_or_none(demo_data, tmp_path):
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from muco.train.progress import StepProgressBar
+
+    assert [type(b) for b in progress_bars(demo_data, tmp_path)] == [StepProgressBar]
+    assert progress_bars(demo_data, tmp_path, "--trainer.enable_progress_bar=false") == []
+    own = progress_bars(demo_data, tmp_path, "--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar")
+    assert [type(b) for b in own] == [TQDMProgressBar]

@@ -100,7 +100,9 @@ def test_fit_with_mined_negatives_and_annealed_temperature(muco_cli, demo_data, 
                                                          "total_steps": 3}}},
         "data": {"init_args": {"train_shards": f"{demo_data}/train/manifest.json",
                                "val_shards": f"{demo_data}/val/manifest.json", "batch_size": 4,
-                               "turns_per_sample": 4, "negatives": {"sidecar": str(sidecar), "band": [2, 5]}}},
+                               "records": {"class_path": "muco.data.m3t.kind.M3TRecords", "init_args": {
+                                   "turns_per_sample": 4,
+                                   "negatives": {"sidecar": str(sidecar), "band": [2, 5]}}}}},
     }))
     res = muco_cli("fit", "--config", str(REPO / "configs" / "tiny.yaml"), "--config", str(extra),
                    "--trainer.max_steps=4", "--trainer.log_every_n_steps=1", "--trainer.num_sanity_val_steps=0",

@@ -1,6 +1,6 @@
 """Mined hard negatives in pretraining: which rank band they are drawn from, per round, and the seeded sampler.
 
-A mined-negatives sidecar (written by ``muco mine``, read by :func:`muco.mine.sidecar.load_sidecar`) lists, for
+A mined-negatives sidecar (written by ``muco mine``, read by :func:`muco.data.m3t.sidecar.load_sidecar`) lists, for
 each (sample key, stored turn index), the kept negatives ranked 1 = hardest. Training draws, for every drawn
 turn of a sample, ``per_turn`` distinct negatives uniformly from the ranks ``band = [lo, hi]`` (inclusive) of
 that turn's list. The draws come from their own RNG seeded by (global seed, epoch, sample key), so they are
@@ -162,7 +162,7 @@ def load_negatives(cfg: NegativesConfig, train_samples: int | None = None) -> Ne
         what = "does not exist" if not path.exists() else "has no manifest.json"
         raise FileNotFoundError(f"data.negatives.sidecar={cfg.sidecar!r} {what}; point it at the directory that "
                                 "`muco mine` wrote (it holds manifest.json and part-*.jsonl.gz)")
-    from muco.mine.sidecar import load_sidecar
+    from muco.data.m3t.sidecar import load_sidecar
 
     try:
         mined = load_sidecar(path)

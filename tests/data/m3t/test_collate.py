@@ -5,7 +5,7 @@ from muco.data.m3t.collate import PretrainCollator, PretrainSample
 from muco.inputs.image_policy import ImagePolicy
 from muco.inputs.sequence import BadSampleError, SequenceEncoder
 from muco.inputs.templates import base_template, single_turn_user_text
-from muco.model.tokenizer import SpecialTokenIds
+from muco.inputs.tokenizer import SpecialTokenIds
 
 
 def test_image_pad_expanded_to_visual_tokens(tiny_tok, photos):

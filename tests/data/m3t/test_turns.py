@@ -91,12 +91,12 @@ def test_indexed_draw_gives_the_stored_turn_of_each_drawn_turn():
 
 def test_batch_turn_order_permutes_turn_indices_and_negatives_alike():
     from muco.data.m3t.collate import PretrainSample
-    from muco.data.stream import M3TStream, StreamConfig
-    from muco.inputs.image_policy import ImagePolicy
+    from muco.data.m3t.decode import BatchTurnOrder
+    from muco.data.stream import ShardStream, StreamConfig
 
-    cfg = StreamConfig(sources=[["x.tar"]], batch_size=3, turns_per_sample=4, image_policy=ImagePolicy.preset("tiny"),
-                       turn_order="batch")
-    stream = M3TStream(cfg, collator=None)  # type: ignore[arg-type]  # only the batch order is used
+    cfg = StreamConfig(sources=[["x.tar"]], batch_size=3)
+    # only the batch order is used: no decoder, no collator
+    stream = ShardStream(cfg, decode=None, collate=None, arrange=BatchTurnOrder(4))  # type: ignore[arg-type]
     buf = [PretrainSample(f"s{i}", None, [f"q{i}.{j}" for j in (0, 2, 3, 6)], [f"a{i}.{j}" for j in (0, 2, 3, 6)],
                           turns=[0, 2, 3, 6], negatives=[[f"n{i}.{j}.{d}" for j in (0, 2, 3, 6)] for d in range(2)])
            for i in range(3)]

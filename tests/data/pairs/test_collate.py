@@ -9,9 +9,9 @@ from muco.data.pairs.collate import FinetuneCollator, PairSample
 from muco.inputs.image_policy import ImagePolicy
 from muco.inputs.sequence import BadSampleError, SequenceEncoder
 from muco.inputs.templates import MASK_TOKEN, base_template, single_turn_user_text
+from muco.inputs.tokenizer import SpecialTokenIds
 from muco.model.backbone import BackboneConfig, build_backbone
 from muco.model.embedder import Embedder
-from muco.model.tokenizer import SpecialTokenIds
 
 
 @pytest.fixture(scope="module")

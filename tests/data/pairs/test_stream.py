@@ -1,4 +1,4 @@
-"""Pair streaming: seeded masked counterparts and negatives drawn in the data path, PairDataModule options."""
+"""Pair streaming: seeded masked counterparts and negatives drawn in the data path, pair DataModule options."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from muco.convert.pairs import convert_pairs
-from muco.data.pair_datamodule import PairDataModule
 from muco.data.pairs.collate import EMPTY_NEGATIVE
 from muco.data.seeds import sample_rng
 from muco.inputs.templates import IMG, MASK_TOKEN, base_template, finetune_template
-from muco.model.tokenizer import SpecialTokenIds
+from muco.inputs.tokenizer import SpecialTokenIds
+from tests.data.builders import pair_data
 
 CAPTION = "a handwritten digit five"
 
@@ -57,7 +57,7 @@ def test_masked_counterpart_equals_hand_derived_string(tmp_path, photos, tiny_to
     # here?\n .544 keep
     masked_pos = MASK_TOKEN
     masked_qry = f"Image {MASK_TOKEN} handwritten digit five\nWhat digit is {MASK_TOKEN} here?\n"
-    dm = PairDataModule(manifest, batch_size=7, num_workers=0, resampled=False, shuffle_buffer=0, seed=7,
+    dm = pair_data(manifest, batch_size=7, num_workers=0, resampled=False, shuffle_buffer=0, seed=7,
                         samples_per_epoch=7, tokenizer="tiny")
     dm.setup("fit")
     dm._shared_epoch.set_value(2)
@@ -77,14 +77,14 @@ def test_masked_counterpart_equals_hand_derived_string(tmp_path, photos, tiny_to
     j = batch["keys"].index("pair2")
     assert batch["negative"]["input_ids"][j][batch["negative"]["attention_mask"][j].bool()].tolist() == tok(
         base_template(EMPTY_NEGATIVE))
-    assert batch["stats"]["epoch"] == 2 and batch["stats"]["skipped"] == 0
+    assert batch["stats"].epoch == 2 and batch["stats"].skipped == 0
 
 
 def test_draws_are_reproducible_and_change_with_the_epoch(tmp_path, photos):
     manifest = write_pairs(tmp_path, photos, n=16, per_shard=16)
 
     def texts(epoch):
-        dm = PairDataModule(manifest, batch_size=16, num_workers=0, resampled=False, shuffle_buffer=0,
+        dm = pair_data(manifest, batch_size=16, num_workers=0, resampled=False, shuffle_buffer=0,
                             samples_per_epoch=16, tokenizer="tiny")
         dm.setup("fit")
         dm._shared_epoch.set_value(epoch)
@@ -98,7 +98,7 @@ def test_draws_are_reproducible_and_change_with_the_epoch(tmp_path, photos):
 
 def test_datamodule_splits_ranks_and_counts_bad_samples(tmp_path, photos, make_shards):
     manifest = write_pairs(tmp_path, photos, n=16, per_shard=4)
-    dm = PairDataModule(manifest, batch_size=2, num_workers=0, resampled=False, shuffle_buffer=0,
+    dm = pair_data(manifest, batch_size=2, num_workers=0, resampled=False, shuffle_buffer=0,
                         samples_per_epoch=16, tokenizer="tiny", mask_ratio=0.0, full_mask_prob=0.0)
     dm.setup("fit")
     keys = []
@@ -113,7 +113,7 @@ def test_datamodule_splits_ranks_and_counts_bad_samples(tmp_path, photos, make_s
     # M3T shards are refused with a pointer to the pair converter
     _, _, m3t = make_shards("m3t", n_shards=2, per_shard=2)
     with pytest.raises(ValueError, match="--kind pairs"):
-        PairDataModule(str(m3t), samples_per_epoch=4, tokenizer="tiny").setup("fit")
+        pair_data(str(m3t), samples_per_epoch=4, tokenizer="tiny").setup("fit")
 
 
 def test_bad_pair_is_skipped_and_counted(tmp_path, photos, caplog):
@@ -123,12 +123,12 @@ def test_bad_pair_is_skipped_and_counted(tmp_path, photos, caplog):
     bad = {"query": {"text": "q", "image": "qry.jpg", "caption": "c"}, "positive": {"text": "p"}, "negatives": []}
     with ShardWriter(str(tmp_path / "bad-%06d.tar")) as w:  # the query image member is missing
         w.write("broken", [("json", json.dumps(bad).encode())])
-    dm = PairDataModule([manifest, str(tmp_path / "bad-000000.tar")], batch_size=1, num_workers=0,
+    dm = pair_data([manifest, str(tmp_path / "bad-000000.tar")], batch_size=1, num_workers=0,
                         resampled=False, shuffle_buffer=0, samples_per_epoch=4, tokenizer="tiny")
     dm.setup("fit")
     batches = list(dm.make_dataset("train"))  # 4 good samples need a second pass: the bad one was read
     assert {k for b in batches for k in b["keys"]} == {"pair0", "pair1", "pair2"}
-    assert batches[-1]["stats"]["skipped"] >= 1
+    assert batches[-1]["stats"].skipped >= 1
     assert "skipped sample 'broken'" in caplog.text and "missing image member .qry.jpg" in caplog.text
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from muco.model.tokenizer import SpecialTokenIds, build_tokenizer, tokenizer_from_pretrained
+from muco.inputs.tokenizer import SpecialTokenIds, build_tokenizer, tokenizer_from_pretrained
 
 
 def test_offline_qwen_vocab_ids(qwen_tok):

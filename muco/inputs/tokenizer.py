@@ -49,7 +49,7 @@ class SpecialTokenIds:
         def one(t: str) -> int:
             ids = tok.convert_tokens_to_ids([t])
             if not ids or ids[0] is None or ids[0] == tok.unk_token_id:
-                raise ValueError(f"tokenizer has no special token {t!r}; build it with muco.model.tokenizer")
+                raise ValueError(f"tokenizer has no special token {t!r}; build it with muco.inputs.tokenizer")
             return int(ids[0])
 
         return cls(

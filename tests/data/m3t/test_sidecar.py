@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from muco.mine.sidecar import (
+from muco.data.m3t.sidecar import (
     FORMAT,
     MinedNegative,
     SidecarError,

@@ -1,0 +1,261 @@
+"""The mining pipeline: embed every query turn of a shard set with a trained model, search the unique target
+texts, keep the filtered nearest ones per turn and write the sidecar of :mod:`muco.data.m3t.sidecar`.
+
+``mine(MineConfig(...))`` runs it (in ``devices`` processes: DDP, gloo on CPU; each embeds its share of the
+samples and of the unique targets and searches for its own query turns; rank 0 writes the sidecar, equal to
+the single-process one). :func:`settings` is what makes a finished sidecar reusable and :func:`is_complete`
+whether a directory already holds one made with them. ``muco mine`` (:mod:`muco.cli.mine`) is the command.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from muco.data.m3t.sidecar import MANIFEST, SidecarError, read_sidecar_manifest, write_sidecar
+from muco.distributed import gather_objects
+from muco.inputs.image_policy import PRESETS
+from muco.mine.dist import barrier, gather_rows, world
+from muco.mine.select import REASONS, SelectConfig, mine_negatives, normalized_ids
+from muco.mine.summary import summarize
+from muco.train.checkpoint import datamodule_hparams, load_encoder
+
+log = logging.getLogger("muco.mine")
+
+AUTOCAST = ("none", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class MineConfig:
+    """One mining run.
+
+    Attributes:
+        model: a ``.ckpt`` of a muco run or an exported model directory.
+        shards: the shard URLs, in order (``muco.data.shards.resolve_shards(...).urls``; one data source).
+        output: the sidecar directory to write.
+        top_k: negatives kept per query turn.
+        margin: drop likely false negatives, ``sim > pos_sim - margin`` (None: off).
+        max_ratio: also drop candidates with ``sim > max_ratio * pos_sim`` (None: off).
+        extra: candidates searched beyond ``top_k`` + turns per sample (None: ``2 * top_k``).
+        image_policy: an image policy preset, or None for the model's own (see :func:`resolve_image_policy`).
+        turns_per_sequence: query turns per sequence, None for all of a record's turns in one
+            (see :func:`resolve_turns_per_sequence`).
+        autocast: ``none``, ``bfloat16`` or ``float16``.
+        batch_size: samples (queries) / texts (targets) per forward.
+        query_chunk: query turns per search chunk.
+        corpus_chunk: target texts per search chunk.
+        num_workers: DataLoader workers reading and decoding shards.
+        num_samples: the shard set's sample count when known (progress bars only).
+        progress: show progress bars (rank 0).
+    """
+
+    model: str | os.PathLike
+    shards: Sequence[str]
+    output: str | os.PathLike
+    top_k: int = 100
+    margin: float | None = 0.05
+    max_ratio: float | None = None
+    extra: int | None = None
+    image_policy: str | None = None
+    turns_per_sequence: int | None = None
+    autocast: str = "none"
+    batch_size: int = 16
+    query_chunk: int = 1024
+    corpus_chunk: int = 16384
+    num_workers: int = 2
+    num_samples: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("top_k", "batch_size", "query_chunk", "corpus_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0 or (self.extra is not None and self.extra < 0):
+            raise ValueError(f"num_workers and extra must be >= 0, got {self.num_workers} and {self.extra}")
+        if self.margin is not None and self.margin < 0:
+            raise ValueError(f"margin must be None (off) or >= 0, got {self.margin}")
+        if self.turns_per_sequence is not None and self.turns_per_sequence < 1:
+            raise ValueError(f"turns_per_sequence must be None (all) or >= 1, got {self.turns_per_sequence}")
+        if self.autocast not in AUTOCAST:
+            raise ValueError(f"autocast must be one of {AUTOCAST}, got {self.autocast!r}")
+        if self.image_policy is not None and self.image_policy not in PRESETS:
+            raise ValueError(f"image_policy must be None (the model's own) or one of {sorted(PRESETS)}, got "
+                             f"{self.image_policy!r}")
+
+
+def resolve_image_policy(model: str | os.PathLike, choice: str) -> str | None:
+    """A preset name, or None for the model's own policy (``choice="model"``); ``choice="train"``: the training
+    data's policy recorded in the checkpoint, else ``pretrain``."""
+    if choice == "model":
+        return None
+    if choice != "train":
+        return choice
+    hp = datamodule_hparams(model)
+    if isinstance(hp.get("image_policy"), str) and hp["image_policy"] in PRESETS:
+        return hp["image_policy"]
+    return "pretrain"
+
+
+def resolve_turns_per_sequence(model: str | os.PathLike, choice: str | int) -> int | None:
+    """None (all of a record's turns in one sequence) or K: ``choice`` is ``"all"``, K >= 1, or ``"train"``
+    (the checkpoint's ``data.turns_per_sample``, else all)."""
+    if choice == "all":
+        return None
+    if choice == "train":
+        k = trained_turns_per_sample(datamodule_hparams(model))
+        return k if isinstance(k, int) and k >= 1 else None
+    if isinstance(choice, int) and not isinstance(choice, bool) and choice >= 1:
+        return choice
+    raise ValueError(f"turns per sequence must be train, all or a positive number, got {choice!r}")
+
+
+def trained_turns_per_sample(data_hparams: dict[str, Any]) -> Any:
+    """``turns_per_sample`` of the training data: in the record kind's settings (``records.init_args``), or at
+    the top level in checkpoints written before record kinds existed; None when not recorded."""
+    records = data_hparams.get("records")
+    if isinstance(records, dict) and isinstance(records.get("init_args"), dict):
+        return records["init_args"].get("turns_per_sample")
+    return data_hparams.get("turns_per_sample")
+
+
+def model_fingerprint(path: str | os.PathLike) -> list[int]:
+    """[total size, newest mtime in ns] of a model file or of the files of a model directory."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    return [sum(f.stat().st_size for f in files), max((f.stat().st_mtime_ns for f in files), default=0)]
+
+
+def settings(cfg: MineConfig) -> dict:
+    """What makes a finished sidecar reusable (batch sizes, chunks and process counts do not change it)."""
+    model = Path(cfg.model).resolve()
+    return {"model": str(model), "model_fingerprint": model_fingerprint(model),
+            "shards": [os.path.abspath(u) for u in cfg.shards], "top_k": cfg.top_k, "margin": cfg.margin,
+            "max_ratio": cfg.max_ratio, "extra": cfg.extra, "image_policy": cfg.image_policy or "model",
+            "autocast": cfg.autocast, "query_turns": "stored order, first candidate query",
+            "turns_per_sequence": cfg.turns_per_sequence or "all"}
+
+
+def is_complete(out: str | os.PathLike, wanted: dict) -> bool:
+    """``out`` holds a finished sidecar mined with the :func:`settings` ``wanted``."""
+    out = Path(out)
+    if not (out / MANIFEST).is_file():
+        return False
+    try:
+        return read_sidecar_manifest(out).get("settings") == wanted
+    except SidecarError:
+        return False
+
+
+def mine(cfg: MineConfig, device: str | torch.device | None = None, devices: int = 1) -> dict | None:
+    """Mine ``cfg`` in ``devices`` processes (DDP when > 1: GPUs on cuda, gloo processes on cpu) on ``device``
+    (default: cuda when available); returns the summary on rank 0 (None elsewhere).
+
+    Processes are started by re-running the program (Lightning Fabric's launcher): whatever the caller did
+    before this call, every rank does again.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if devices < 1:
+        raise ValueError(f"devices must be >= 1, got {devices}")
+    if devices > 1:
+        from lightning.fabric import Fabric
+
+        fabric = Fabric(accelerator="cuda" if device.type == "cuda" else "cpu", devices=devices, strategy="ddp")
+        fabric.launch()
+        device = fabric.device
+    elif device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    return run(cfg, device)
+
+
+def run(cfg: MineConfig, device: torch.device) -> dict | None:
+    """One rank's work (torch.distributed already set up when more than one); the summary on rank 0."""
+    from muco.data.m3t.collate import PretrainCollator
+    from muco.mine.embed import MineStream, embed_queries, embed_texts
+
+    wanted = settings(cfg)
+    rank, size = world()
+    show = rank == 0 and cfg.progress
+    kw = {} if cfg.image_policy is None else {"image_policy": cfg.image_policy}
+    encoder = load_encoder(cfg.model, device=device,
+                           autocast_dtype=None if cfg.autocast == "none" else cfg.autocast, **kw)
+    encoder.embedder.eval()
+    if rank == 0:
+        log.info("model %s on %s (%d process(es)), image policy %s, query turns per sequence: %s", cfg.model,
+                 device, size, encoder.image_policy, wanted["turns_per_sequence"])
+    stream = MineStream(list(cfg.shards), PretrainCollator(encoder.tokenizer, encoder.image_policy),
+                        encoder.image_policy, cfg.batch_size, rank, size, cfg.turns_per_sequence)
+    total = None if cfg.num_samples is None else -(-cfg.num_samples // size)
+    q = embed_queries(encoder, stream, cfg.num_workers, total, show)
+
+    # the corpus: every unique target text, sorted (the same order for any process count); a strided share each
+    texts = sorted(set().union(*gather_objects({t for ts in q.targets for t in ts})))
+    mine_part = embed_texts(encoder, texts[rank::size], cfg.batch_size, show)
+    corpus = torch.empty(len(texts), encoder.dim)
+    for r, part in enumerate(gather_rows(mine_part)):
+        corpus[r::size] = part
+    index = {t: i for i, t in enumerate(texts)}
+    max_turns = max(gather_objects(max((len(t) for t in q.targets), default=0)))
+    pos_idx = torch.tensor([index[t] for ts in q.targets for t in ts], dtype=torch.long)
+    same_idx = torch.full((len(pos_idx), max(max_turns, 1)), -1, dtype=torch.long)
+    row = 0
+    for ts in q.targets:
+        same_idx[row : row + len(ts), : len(ts)] = torch.tensor([index[t] for t in ts])
+        row += len(ts)
+    if device.type == "cuda" and corpus.numel() * 4 < 0.5 * torch.cuda.mem_get_info(device)[0]:
+        corpus = corpus.to(device)  # fits: no per-chunk copies
+    select = SelectConfig(cfg.top_k, cfg.margin, cfg.max_ratio, cfg.extra)
+    pos_sim, sel = mine_negatives(q.emb, corpus, pos_idx, same_idx, normalized_ids(texts), select,
+                                  cfg.query_chunk, cfg.corpus_chunk, device)
+
+    # to rank 0: per turn (shard, position, turn) + results; per sample the key
+    turns = torch.cat([torch.arange(n) for n in q.num_turns.tolist()]) if len(q.keys) else torch.empty(0).long()
+    turn_meta = torch.cat([q.order.repeat_interleave(q.num_turns, dim=0), turns[:, None]], 1)
+    gathered = [torch.cat(gather_rows(x)) for x in (turn_meta, pos_sim, sel.indices, sel.sims)]
+    keys = [k for part in gather_objects(list(zip(q.order.tolist(), q.keys))) for k in part]
+    filtered = gather_objects(sel.filtered)
+    skipped = sum(gather_objects(q.skipped))
+    summary = None
+    if rank == 0:
+        summary = _write(cfg, wanted, texts, keys, *gathered, {r: sum(f[r] for f in filtered) for r in REASONS},
+                         skipped)
+    barrier()
+    return summary
+
+
+def _write(cfg: MineConfig, wanted: dict, texts: list[str], keys: list, meta: torch.Tensor, pos_sim: torch.Tensor,
+           indices: torch.Tensor, sims: torch.Tensor, filtered: dict, skipped: int) -> dict:
+    """Rank 0: rows in canonical order (shard, position, stored turn), whatever the process count."""
+    key_of = {tuple(o): k for o, k in keys}
+    first: dict[str, tuple[int, int]] = {}
+    for o in sorted(key_of):
+        first.setdefault(key_of[o], o)
+    dups = len(key_of) - len(first)
+    if dups:
+        log.warning("%d sample(s) repeat an earlier key; only the first occurrence of each key is mined", dups)
+    meta_l = [tuple(m) for m in meta.tolist()]
+    order = [i for i in sorted(range(len(meta_l)), key=meta_l.__getitem__)
+             if first[key_of[meta_l[i][:2]]] == meta_l[i][:2]]
+    sel = torch.tensor(order, dtype=torch.long)
+    summary = summarize(pos_sim[sel], sims[sel], filtered, cfg.top_k)
+    summary.update(samples=len(first), skipped_samples=skipped, duplicate_keys=dups, corpus_texts=len(texts))
+    if summary["turns_short"]:
+        log.warning("%d of %d query turns kept fewer than %d negatives (a small corpus, or raise --extra / lower "
+                    "--margin)", summary["turns_short"], summary["query_turns"], cfg.top_k)
+
+    def rows() -> Iterator[dict]:
+        for i in order:
+            s, p, t = meta_l[i]
+            idx = [j for j in indices[i].tolist() if j >= 0]
+            negs = [{"text": texts[j], "rank": r, "sim": round(v, 6)}
+                    for r, (j, v) in enumerate(zip(idx, sims[i].tolist()), 1)]
+            yield {"key": key_of[(s, p)], "turn": t, "pos_sim": round(float(pos_sim[i]), 6), "negatives": negs}
+
+    write_sidecar(cfg.output, rows(), {"model": wanted["model"], "shards": wanted["shards"], "top_k": cfg.top_k,
+                                       "margin": wanted["margin"], "summary": summary, "settings": wanted})
+    return summary
