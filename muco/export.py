@@ -115,7 +115,7 @@ def embed(text: str = "", image: Image.Image | None = None) -> torch.Tensor:
     return F.normalize(hidden[ids == tok.convert_tokens_to_ids("{EMB_TOKEN}")].float(), dim=-1)  # [1, d]
 ```
 
-With the `muco` package: `muco.encoder.MuCoEncoder.from_pretrained(path).embed(texts=[...], images=[...])`.
+With the `muco` package: `muco.MuCoEncoder.from_pretrained(path).embed(texts=[...], images=[...])`.
 """
 
 

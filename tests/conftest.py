@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.records import jpeg, record_json
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -49,3 +51,15 @@ def demo_data(tmp_path_factory):
     from muco.demo.build import build_demo_data
 
     return build_demo_data(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture(scope="session")
+def rec_json():
+    """The ``tests.records.record_json(key, turns=7, cands=2)`` factory."""
+    return record_json
+
+
+@pytest.fixture(scope="session")
+def jpegs(photos) -> list[bytes]:
+    """Real photos (scikit-image), at most 96 px, as JPEG bytes."""
+    return [jpeg(p) for p in photos]

@@ -2,6 +2,8 @@
 held-out MMEB-format tasks before and after (`muco eval`) -> print a results table and where the logs are.
 
 Extra arguments are passed to the fit config, e.g. `python -m muco.demo --trainer.max_steps 50`.
+`python -m muco.demo pairs [root]` instead writes the demo's fine-tuning pairs (``<root>/pairs/{train,val}/``,
+for configs/demo_finetune.yaml) from the demo split under ``root`` (default data/demo).
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     from muco.cli.fit import build_cli, resume_path
 
     extra = list(sys.argv[1:] if argv is None else argv)
+    if extra[:1] == ["pairs"]:
+        from muco.demo.pairs import build_demo_pairs
+
+        print(build_demo_pairs(extra[1] if len(extra) > 1 else str(ROOT)))
+        return 0
     t0 = time.perf_counter()
     if not demo_ready(ROOT):
         print(f"[demo] writing the digit shards and eval tasks to {ROOT}/ ...", flush=True)

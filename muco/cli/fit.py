@@ -76,7 +76,8 @@ def resume_path(run_dir: str, ckpt_path: str | None) -> str | None:
     elif path == "hpc":
         how = "resuming from its newest hpc_ckpt_*.ckpt"
     else:
-        how = f"resuming from {path}" + (" (its newest checkpoint)" if ckpt_path in (None, "last") else "")
+        newest = " (its newest checkpoint)" if ckpt_path in (None, "last") else ""
+        how = f"resuming from {os.path.abspath(path)}{newest}"
     if getattr(rank_zero_only, "rank", 0) == 0:
         logging.getLogger("muco").info("run directory: %s (checkpoints/, TensorBoard events, skipped.jsonl); %s",
                                        os.path.abspath(run_dir), how)

@@ -64,7 +64,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="`train`: the training data's policy recorded in the checkpoint (else `pretrain`); "
                         f"`model`: the model's own; or a preset: {', '.join(PRESETS)}")
     p.add_argument("--turns-per-sequence", default="train",
-                   help="query turns per sequence: train (the checkpoint's data.turns_per_sample, else all), "
+                   help="query turns per sequence: train (the checkpoint's data.records.turns_per_sample, else all), "
                         "all, or a number")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--overwrite", action="store_true", help="mine again even if the output is complete")

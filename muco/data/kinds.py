@@ -9,19 +9,19 @@ and collator. The DataModule, the stream and the resume bookkeeping are the same
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from muco.components import Component, build_component
 from muco.data.shards import ShardSet
 from muco.data.stream import Arranger, Collator, Decoder
 from muco.inputs.image_policy import ImagePolicy
 
 
-class RecordKind:
-    """Base class of record kinds; subclasses override every method that raises here."""
+class RecordKind(Component):
+    """Base class of record kinds; subclasses override every method that raises here (and ``init_args``)."""
 
     label = "records"  # what the records are, for messages ("M3T pretraining records")
     hint = ""  # how to train records of this kind (a pointer to the config to use)
@@ -51,32 +51,11 @@ class RecordKind:
     def collator(self, tokenizer: PreTrainedTokenizerBase, policy: ImagePolicy) -> Collator:
         raise NotImplementedError
 
-    def init_args(self) -> dict[str, Any]:
-        """The constructor arguments, plain values only (saved in checkpoints' hyper-parameters)."""
-        raise NotImplementedError
-
     def describe(self) -> str:
         return self.label
 
-    def spec(self) -> dict[str, Any]:
-        """``{"class_path", "init_args"}``: the YAML form, which :func:`build_record_kind` reads back."""
-        cls = type(self)
-        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": self.init_args()}
-
 
 def build_record_kind(value: RecordKind | Mapping[str, Any]) -> RecordKind:
-    """A record kind from an instance or its ``spec()`` (YAML / saved hyper-parameters). Only subclasses of
-    :class:`RecordKind` are built; nothing else is imported or evaluated."""
-    if isinstance(value, RecordKind):
-        return value
-    if not isinstance(value, Mapping) or "class_path" not in value:
-        raise TypeError(f"data.records must be a record kind ({{class_path, init_args}}), got {value!r}")
-    module, _, name = str(value["class_path"]).rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise ValueError(f"data.records.class_path={value['class_path']!r} is not importable ({e}); use "
-                         "muco.data.m3t.kind.M3TRecords or muco.data.pairs.kind.PairRecords") from None
-    if not (isinstance(cls, type) and issubclass(cls, RecordKind)):
-        raise ValueError(f"data.records.class_path={value['class_path']!r} is not a RecordKind")
-    return cls(**dict(value.get("init_args") or {}))
+    """A record kind from an instance or its ``spec()`` (YAML / saved hyper-parameters)."""
+    return build_component(value, RecordKind, "data.records",
+                           "muco.data.m3t.kind.M3TRecords or muco.data.pairs.kind.PairRecords")

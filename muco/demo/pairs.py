@@ -9,7 +9,7 @@ Every digit gets ``pairs_per_digit`` pairs drawn from four task kinds that mirro
 
 Rows use the released MMEB-train columns (``<|image_1|>`` markers, ``neg_text`` as the string form of a list,
 JSON or Python style), and ``no_negative_frac`` of them have no hard negative, so the demo exercises the whole
-conversion path. ``python -m muco.demo.pairs [root]`` writes ``<root>/pairs/{train,val}/`` (the demo data under
+conversion path. ``python -m muco.demo pairs [root]`` writes ``<root>/pairs/{train,val}/`` (the demo data under
 ``root`` is built first when missing).
 """
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from pathlib import Path
 
 from muco.convert.pairs import convert_pairs, parse_list
@@ -102,6 +101,3 @@ def build_demo_pairs(root: str | Path = "data/demo", seed: int = 0, pairs_per_di
             raise RuntimeError(f"demo pairs: {summary.rejected} rows rejected; see {summary.rejects}")
     return out
 
-
-if __name__ == "__main__":
-    print(build_demo_pairs(sys.argv[1] if len(sys.argv) > 1 else "data/demo"))

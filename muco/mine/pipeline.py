@@ -104,7 +104,7 @@ def resolve_image_policy(model: str | os.PathLike, choice: str) -> str | None:
 
 def resolve_turns_per_sequence(model: str | os.PathLike, choice: str | int) -> int | None:
     """None (all of a record's turns in one sequence) or K: ``choice`` is ``"all"``, K >= 1, or ``"train"``
-    (the checkpoint's ``data.turns_per_sample``, else all)."""
+    (the checkpoint's ``data.records.turns_per_sample``, else all)."""
     if choice == "all":
         return None
     if choice == "train":

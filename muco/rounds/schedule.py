@@ -72,7 +72,7 @@ class DifficultySchedule:
         return current
 
     def negatives_for(self, round_: int, sidecar: str | None) -> NegativesConfig | None:
-        """The ``data.negatives`` config of round ``round_`` with the sidecar mined after the previous round."""
+        """The ``data.records.negatives`` config of round ``round_`` with the sidecar mined after the previous round."""
         at = self.at(round_)
         if at is None:
             return None

@@ -69,17 +69,41 @@ def datamodule_hparams(path: str | Path) -> dict[str, Any]:
     return dict(hp) if isinstance(hp, dict) else {}
 
 
+# loss options that were module arguments before objectives existed, by the class that took them
+LEGACY_OBJECTIVES = {
+    "muco.train.module.MuCoModule": ("muco.objectives.PretrainObjective", ("symmetric_loss", "mask_same_text")),
+    "muco.train.finetune_module.FinetuneModule": (
+        "muco.objectives.FinetuneObjective", ("loss", "hard_negatives", "released_placeholder", "mask_same_text")),
+}
+
+
+def with_objective(module_class: str, hparams: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The module class and hyper-parameters to rebuild a checkpoint with. A checkpoint written before
+    objectives existed (loss options as module arguments; fine-tuning as ``FinetuneModule``) becomes
+    ``MuCoModule(objective=...)`` with the same options; its ``init_from`` was only needed to start that run
+    (its trained weights are in the checkpoint), except under ``merge_adapter_first``."""
+    legacy = LEGACY_OBJECTIVES.get(module_class)
+    if "objective" in hparams or legacy is None:
+        return module_class, hparams
+    objective, names = legacy
+    hparams = dict(hparams)
+    init_args = {k: hparams.pop(k) for k in names if k in hparams}
+    hparams.pop("symmetric_loss", None)  # fine-tuning never used it
+    if not hparams.get("merge_adapter_first"):
+        hparams["init_from"] = None
+    hparams["objective"] = {"class_path": objective, "init_args": init_args}
+    return "muco.train.module.MuCoModule", hparams
+
+
 def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> LightningModule:
     """The module class recorded in the checkpoint, rebuilt from its hyper-parameters; frozen weights left out
     of the checkpoint come back from the backbone config (local weights or the seeded preset)."""
     ckpt = read_checkpoint(path)
-    dotted = ckpt.get("muco_module_class", "muco.train.module.MuCoModule")
-    module_name, _, cls_name = dotted.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), cls_name)
     # LightningCLI adds `_class_path`/`_instantiator` bookkeeping to the saved hyper-parameters
     hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
-    for name in getattr(cls, "REBUILD_WITHOUT", ()):  # e.g. the init_from a run started from: not needed now
-        hparams.pop(name, None)
+    dotted, hparams = with_objective(ckpt.get("muco_module_class", "muco.train.module.MuCoModule"), hparams)
+    module_name, _, cls_name = dotted.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), cls_name)
     module = cls(**hparams)
     missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
     if unexpected:

@@ -1,45 +1,14 @@
-"""Fixtures for the conversion tests: small real JPEGs, records in the project schema, a parquet shaped like the
+"""Fixtures for the conversion tests (JPEGs and record JSON come from tests/conftest.py): a parquet shaped like the
 released M3T.parquet and a JSONL of M3T records with good and bad lines."""
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-
-
-def jpeg(im: Image.Image, quality: int = 85) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def record_json(key: str, turns: int = 7, cands: int = 2) -> dict:
-    """Texts name their key, turn and candidate, so tests can check pairing and candidate choice."""
-    return {
-        "turns": [
-            {"task": f"task{i}", "queries": [f"{key} q{i} c{j}?" for j in range(cands)],
-             "target": f"{key} t{i}"}
-            for i in range(turns)
-        ],
-        "caption": f"a dense caption of {key}",
-    }
-
-
-@pytest.fixture(scope="session")
-def rec_json():
-    """The ``record_json(key, turns=7, cands=2)`` factory."""
-    return record_json
-
-
-@pytest.fixture(scope="session")
-def jpegs(photos) -> list[bytes]:
-    """Real photos (scikit-image), at most 96 px, as JPEG bytes."""
-    return [jpeg(p) for p in photos]
 
 
 def released_row(r: int, image: str, turns: int = 7) -> dict:

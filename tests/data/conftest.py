@@ -7,45 +7,15 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from muco.data.shards import ShardWriter, write_manifest
-
-
-def jpeg(im: Image.Image, quality: int = 85) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def record_json(key: str, turns: int = 7, cands: int = 2) -> dict:
-    """Texts name their key, turn and candidate, so tests can check pairing and candidate choice."""
-    return {
-        "turns": [
-            {"task": f"task{i}", "queries": [f"{key} q{i} c{j}?" for j in range(cands)],
-             "target": f"{key} t{i}"}
-            for i in range(turns)
-        ],
-        "caption": f"a dense caption of {key}",
-    }
+from tests.records import record_json
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
     tar.addfile(info, io.BytesIO(data))
-
-
-@pytest.fixture(scope="session")
-def rec_json():
-    """The ``record_json(key, turns=7, cands=2)`` factory."""
-    return record_json
-
-
-@pytest.fixture(scope="session")
-def jpegs(photos) -> list[bytes]:
-    """Real photos (scikit-image), at most 96 px, as JPEG bytes."""
-    return [jpeg(p) for p in photos]
 
 
 @pytest.fixture

@@ -454,7 +454,7 @@ def test_negatives_sidecar_errors_are_early_and_clear(make_shards, tmp_path):
         dm = m3t_data(str(manifest), batch_size=2, num_workers=0, **TINY, negatives={"sidecar": str(sidecar)})
         dm.setup("fit")
 
-    with pytest.raises(FileNotFoundError, match=r"data.negatives.sidecar=.*nowhere' does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"data.records.negatives.sidecar=.*nowhere' does not exist"):
         setup(tmp_path / "nowhere")
     (tmp_path / "half").mkdir()
     with pytest.raises(FileNotFoundError, match="has no manifest.json"):
@@ -462,7 +462,7 @@ def test_negatives_sidecar_errors_are_early_and_clear(make_shards, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "manifest.json").write_text('{"format": "something else"}')
-    with pytest.raises(ValueError, match=r"data.negatives.sidecar=.*bad' is not a readable negatives sidecar"):
+    with pytest.raises(ValueError, match=r"data.records.negatives.sidecar=.*bad' is not a readable negatives sidecar"):
         setup(bad)
     with pytest.raises(ValueError, match="band must be"):
         m3t_data(str(manifest), negatives={"sidecar": str(bad), "band": [0, 3]})

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from muco.data.shards import ShardWriter, write_manifest
-from tests.data.conftest import jpeg, record_json
+from tests.records import jpeg, record_json
 
 TURNS = 3
 SHARED = "A shared answer."

@@ -97,3 +97,30 @@ def test_datamodule_hparams(tmp_path):
     (tmp_path / "bad.ckpt").write_bytes(b"x")
     with pytest.raises(ValueError, match="not a checkpoint file"):
         datamodule_hparams(tmp_path / "bad.ckpt")
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_checkpoint_from_before_objectives_rebuilds_with_the_same_options(tmp_path, stage):
+    from muco.objectives import FinetuneObjective, PretrainObjective
+    from muco.train.checkpoint import load_module
+
+    kind = FinetuneObjective(loss="joint_masked", hard_negatives=False) if stage == "finetune" else \
+        PretrainObjective(symmetric_loss=True, mask_same_text=True)
+    module = MuCoModule(tokenizer="tiny", backbone=BackboneConfig(preset="tiny"), objective=kind)
+    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(ckpt)
+    # the layout of the earlier release: loss options flat among the module's, fine-tuning its own class
+    old = {k: v for k, v in ckpt["hyper_parameters"].items() if k != "objective"}
+    old.update(kind.init_args())
+    if stage == "finetune":
+        ckpt["muco_module_class"] = "muco.train.finetune_module.FinetuneModule"
+        old["symmetric_loss"] = False
+    old["init_from"] = str(tmp_path / "gone.ckpt")  # the run it started from, long deleted
+    ckpt["hyper_parameters"] = old
+    torch.save(ckpt, tmp_path / "old.ckpt")
+
+    rebuilt = load_module(tmp_path / "old.ckpt")
+    assert type(rebuilt) is MuCoModule and type(rebuilt.objective) is type(kind)
+    assert rebuilt.objective.init_args() == kind.init_args()
+    for name, p in module.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[name], p), name

@@ -21,7 +21,7 @@ class PretrainSample:
 
     ``turns``: stored index of each drawn turn (same order). ``negatives``: mined negatives, ``per_turn`` lists
     of K texts in the same turn order, ``None`` where a turn has no negative for that draw (training with
-    ``data.negatives`` only; see :mod:`muco.data.m3t.negatives`).
+    ``data.records.negatives`` only; see :mod:`muco.data.m3t.negatives`).
     """
 
     key: str

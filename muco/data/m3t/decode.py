@@ -52,7 +52,7 @@ class M3TDecoder:
         if self.expected_turns is not None and n != self.expected_turns:
             raise BadSampleError(f"has {n} turns, expected {self.expected_turns} (the data source's turn count)")
         if n < self.turns_per_sample:
-            raise BadSampleError(f"has {n} turns, fewer than data.turns_per_sample={self.turns_per_sample}")
+            raise BadSampleError(f"has {n} turns, fewer than data.records.turns_per_sample={self.turns_per_sample}")
         image = load_image(image_bytes, self.image_policy)
         queries, targets, turns = draw_turns_indexed(record.turns, self.turns_per_sample,
                                                      sample_rng(self.seed, epoch, key),
@@ -69,13 +69,13 @@ class M3TDecoder:
             longest = max(map(len, queries + targets))
             if longest > self.max_text_chars:
                 raise BadSampleError(f"a text of {longest:,} characters, over "
-                                     f"data.max_text_chars={self.max_text_chars:,}")
+                                     f"data.records.max_text_chars={self.max_text_chars:,}")
         if self.max_sequence_chars:
             for side, texts in (("query", queries), ("target", targets)):
                 total = sum(map(len, texts))
                 if total > self.max_sequence_chars:
                     raise BadSampleError(f"{side} sequence of {total:,} text characters, over "
-                                         f"data.max_sequence_chars={self.max_sequence_chars:,}")
+                                         f"data.records.max_sequence_chars={self.max_sequence_chars:,}")
 
 
 @dataclass

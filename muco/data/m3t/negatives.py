@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from muco.data.m3t.sidecar import load_sidecar
 from muco.data.seeds import stable_seed
 from muco.inputs.sequence import check_user_text
 
@@ -50,7 +51,7 @@ def check_per_turn(per_turn: Any, where: str) -> int:
 
 @dataclass
 class NegativesConfig:
-    """Mined negatives for a training run (``data.negatives`` in YAML).
+    """Mined negatives for a training run (``data.records.negatives`` in YAML).
 
     Args:
         sidecar: the mined-negatives sidecar directory (``muco mine`` output, with its ``manifest.json``).
@@ -64,10 +65,10 @@ class NegativesConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.sidecar, (str, Path)) or not str(self.sidecar):
-            raise ValueError(f"data.negatives.sidecar must be a path, got {self.sidecar!r}")
+            raise ValueError(f"data.records.negatives.sidecar must be a path, got {self.sidecar!r}")
         self.sidecar = str(self.sidecar)
-        self.band = check_band(self.band, "data.negatives")
-        self.per_turn = check_per_turn(self.per_turn, "data.negatives")
+        self.band = check_band(self.band, "data.records.negatives")
+        self.per_turn = check_per_turn(self.per_turn, "data.records.negatives")
 
     @classmethod
     def coerce(cls, value: NegativesConfig | Mapping[str, Any] | None) -> NegativesConfig | None:
@@ -75,12 +76,13 @@ class NegativesConfig:
         if value is None or isinstance(value, cls):
             return value
         if not isinstance(value, Mapping):
-            raise TypeError(f"data.negatives must be a mapping with sidecar/band/per_turn, got {value!r}")
+            raise TypeError(f"data.records.negatives must be a mapping with sidecar/band/per_turn, got {value!r}")
         unknown = set(value) - {"sidecar", "band", "per_turn"}
         if unknown:
-            raise ValueError(f"data.negatives: unknown keys {sorted(unknown)}; expected sidecar, band, per_turn")
+            raise ValueError(f"data.records.negatives: unknown keys {sorted(unknown)}; expected sidecar, band, "
+                             "per_turn")
         if "sidecar" not in value:
-            raise ValueError("data.negatives needs a sidecar (the `muco mine` output directory)")
+            raise ValueError("data.records.negatives needs a sidecar (the `muco mine` output directory)")
         return cls(**value)
 
 
@@ -160,15 +162,13 @@ def load_negatives(cfg: NegativesConfig, train_samples: int | None = None) -> Ne
     path = Path(cfg.sidecar)
     if not (path / "manifest.json").is_file():
         what = "does not exist" if not path.exists() else "has no manifest.json"
-        raise FileNotFoundError(f"data.negatives.sidecar={cfg.sidecar!r} {what}; point it at the directory that "
-                                "`muco mine` wrote (it holds manifest.json and part-*.jsonl.gz)")
-    from muco.data.m3t.sidecar import load_sidecar
-
+        raise FileNotFoundError(f"data.records.negatives.sidecar={cfg.sidecar!r} {what}; point it at the directory "
+                                "that `muco mine` wrote (it holds manifest.json and part-*.jsonl.gz)")
     try:
         mined = load_sidecar(path)
         sampler = NegativeSampler.from_mined(mined, cfg.band, cfg.per_turn)
     except Exception as e:  # any reader error: a malformed sidecar
-        raise ValueError(f"data.negatives.sidecar={cfg.sidecar!r} is not a readable negatives sidecar "
+        raise ValueError(f"data.records.negatives.sidecar={cfg.sidecar!r} is not a readable negatives sidecar "
                          f"({type(e).__name__}: {e})") from e
     n, (lo, hi) = len(sampler), cfg.band
     share = f" of {train_samples} ({100 * n / train_samples:.1f}%)" if train_samples else ""
@@ -176,5 +176,5 @@ def load_negatives(cfg: NegativesConfig, train_samples: int | None = None) -> Ne
              "%d per turn", cfg.sidecar, n, share, lo, hi, sampler.num_turns(), cfg.per_turn)
     if n == 0:
         log.warning("no sample of %s has a negative in ranks %d-%d: every negative is masked; check "
-                    "data.negatives.band against the sidecar's top_k", cfg.sidecar, lo, hi)
+                    "data.records.negatives.band against the sidecar's top_k", cfg.sidecar, lo, hi)
     return sampler
