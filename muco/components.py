@@ -3,6 +3,7 @@ same form in checkpoints' hyper-parameters, so a checkpoint rebuilds them withou
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Mapping
 from typing import Any, TypeVar
@@ -21,6 +22,16 @@ class Component:
         """``{"class_path", "init_args"}``: the YAML form, which :func:`build_component` reads back."""
         cls = type(self)
         return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": self.init_args()}
+
+
+def plain(value: Any) -> Any:
+    """A hyper-parameter as plain values: a component as its spec, a config dataclass as a dict. Checkpoints then
+    hold only builtins, which ``torch.load(weights_only=True)`` (Lightning's resume) accepts."""
+    if isinstance(value, Component):
+        return value.spec()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return value
 
 
 def build_component(value: T | Mapping[str, Any], base: type[T], setting: str, choices: str) -> T:

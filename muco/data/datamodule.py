@@ -39,6 +39,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from muco.components import plain
 from muco.data.kinds import RecordKind, build_record_kind
 from muco.data.m3t.kind import M3TRecords
 from muco.data.pairs.kind import PairRecords
@@ -103,7 +104,7 @@ class MuCoDataModule(LightningDataModule):
         # stored in checkpoints, so a run's data config can be recovered (plain values only: the record kind as
         # its class_path/init_args); the tokenizer is the model's (Lightning refuses equal hparam keys with
         # different values), recorded once resolved in setup
-        self.save_hyperparameters({**hparams, "records": self.records.spec()})
+        self.save_hyperparameters({k: plain(v) for k, v in {**hparams, "records": self.records}.items()})
         self.train_shards, self.val_shards, self.train_weights = train_shards, val_shards, train_weights
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
         self.resampled, self.shuffle_buffer = resampled, shuffle_buffer

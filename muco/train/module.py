@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 
+from muco.components import plain
 from muco.inputs.tokenizer import SpecialTokenIds, build_tokenizer
 from muco.losses.temperature import Temperature, TemperatureSchedule
 from muco.model.backbone import BackboneConfig, build_backbone
@@ -105,8 +106,8 @@ class MuCoModule(LightningModule):
         hparams = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
         self.objective = PretrainObjective() if objective is None else build_objective(objective)
-        # saved with plain values only (the objective as its class_path/init_args), the same from YAML or Python
-        self.save_hyperparameters({**hparams, "objective": self.objective.spec()})
+        # saved as plain values only (the objective as its class_path/init_args), the same from YAML or Python
+        self.save_hyperparameters({k: plain(v) for k, v in {**hparams, "objective": self.objective}.items()})
         schedule = coerce_schedule(temperature_schedule)
         if schedule is not None and learnable_temperature:
             raise ValueError("model.learnable_temperature and model.temperature_schedule exclude each other: "
