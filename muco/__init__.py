@@ -16,7 +16,6 @@ EXPORTS: dict[str, str] = {
     # inference
     "MuCoEncoder": "muco.encoder",
     "load_encoder": "muco.train.checkpoint",
-    "export": "muco.export",
     # training
     "MuCoModule": "muco.train.module",
     "MuCoDataModule": "muco.data.datamodule",

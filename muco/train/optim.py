@@ -21,7 +21,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     schedule: str = "constant"
-    warmup_steps: int = 0  # optimizer steps, not micro-batches or ranks (pitfall 3)
+    warmup_steps: int = 0  # optimizer steps, not micro-batches or ranks (docs/method.md §14, item 3)
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
 
     @classmethod

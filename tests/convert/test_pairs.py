@@ -64,7 +64,8 @@ def check_converted(out_dir, key_of):
 
     r0 = recs[key_of(0)]
     assert (r0.query.text, r0.query.image, r0.query.caption) == ("What is the person wearing?\n", "qry.jpg", CAP_Q)
-    # the negative equal to the positive is dropped (released pitfall: positive as its own negative)
+    # the negative equal to the positive is dropped (the released code lets a positive be its own negative,
+    # docs/method.md §14)
     assert [n.text for n in r0.negatives] == ["a dress"] and r0.positive.image is None
     assert Image.open(io.BytesIO(samples[key_of(0)]["qry.jpg"])).size == (96, 96)
     assert [n.text for n in recs[key_of(1)].negatives] == ["a diver", "a pilot's suit"]  # Python-style list

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.data.conftest import jpeg, record_json
+from tests.records import jpeg, record_json
 from tests.train.conftest import REPO, read_scalars, run_muco
 
 

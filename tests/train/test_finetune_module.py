@@ -71,7 +71,7 @@ def test_released_placeholder_keeps_the_junk_negative(batches):
     module.log_dict = lambda d, **kw: logged.update(d)
     module.model_step(batches[0], "train")
     assert float(logged["train/masked_frac"]) == 0.0
-    module.released_placeholder = False
+    module.objective.released_placeholder = False
     module.model_step(batches[0], "train")
     assert float(logged["train/masked_frac"]) == pytest.approx(1 / 8)  # 1 of 4 negatives, 4 + 4 columns
 

@@ -74,9 +74,9 @@ def test_model_step_with_negatives_matches_a_hand_written_reference(tiny_tok, ph
     assert float(logged["train/neg_valid_frac"]) == pytest.approx(11 / 12)
     # 1 own-image + (1 missing + 1 equal text for row "ta2") masked columns
     assert float(logged["train/masked_frac"]) == pytest.approx((6 * 1 + 6 * 1 + 1) / (6 * 18))
-    counts = m.batch_counts(batch)
-    assert counts["pairs"] == 6
-    assert counts["tokens"] == sum(int(batch[k]["attention_mask"].sum()) for k in ("query", "target", "negative"))
+    counts = m.objective.counts(batch)
+    assert counts.pairs == 6
+    assert counts.tokens == sum(int(batch[k]["attention_mask"].sum()) for k in ("query", "target", "negative"))
     assert F.normalize(n, dim=-1).shape == (12, 128)
 
 
@@ -117,4 +117,4 @@ def test_fit_with_mined_negatives_and_annealed_temperature(muco_cli, demo_data, 
     taus = [v for _, v in sorted(scalars["train/temperature"])]
     assert taus == pytest.approx([0.05, 0.04, 0.03, 0.02], abs=1e-6)  # linear over 3 optimizer steps
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["data"]["init_args"]["negatives"] == {"sidecar": str(sidecar), "band": [2, 5], "per_turn": 1}
+    assert saved["data"]["init_args"]["records"]["init_args"]["negatives"] == {"sidecar": str(sidecar), "band": [2, 5], "per_turn": 1}
