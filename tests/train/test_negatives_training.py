@@ -117,4 +117,5 @@ def test_fit_with_mined_negatives_and_annealed_temperature(muco_cli, demo_data, 
     taus = [v for _, v in sorted(scalars["train/temperature"])]
     assert taus == pytest.approx([0.05, 0.04, 0.03, 0.02], abs=1e-6)  # linear over 3 optimizer steps
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["data"]["init_args"]["records"]["init_args"]["negatives"] == {"sidecar": str(sidecar), "band": [2, 5], "per_turn": 1}
+    negatives = saved["data"]["init_args"]["records"]["init_args"]["negatives"]
+    assert negatives == {"sidecar": str(sidecar), "band": [2, 5], "per_turn": 1}
