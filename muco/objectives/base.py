@@ -36,7 +36,19 @@ class StepCounts:
     images: int
     samples: int
     pairs: int
-    tokens: int
+    tokens: int  # real tokens (attention mask), visual tokens included
+    positions: int = 0  # token positions the model computes, padding included (rows x padded width)
+
+    @property
+    def token_efficiency(self) -> float | None:
+        """The share of computed positions that are real tokens (1.0: no padding); None when unknown."""
+        return self.tokens / self.positions if self.positions > 0 else None
+
+
+def sequence_counts(sequences: list[dict[str, torch.Tensor]]) -> tuple[int, int]:
+    """(real tokens, computed positions) of padded model inputs."""
+    return (sum(int(s["attention_mask"].sum()) for s in sequences),
+            sum(int(s["attention_mask"].numel()) for s in sequences))
 
 
 class Objective(Component):

@@ -14,7 +14,7 @@ import torch
 
 from muco.losses.finetune import blockwise_loss, joint_masked_loss
 from muco.model.pooling import PooledEmbeddings
-from muco.objectives.base import EmbedFn, Objective, StepCounts, StepOutput
+from muco.objectives.base import EmbedFn, Objective, StepCounts, StepOutput, sequence_counts
 
 LOSSES = {"blockwise": blockwise_loss, "joint_masked": joint_masked_loss}
 
@@ -71,10 +71,10 @@ class FinetuneObjective(Objective):
 
     def counts(self, batch: dict[str, Any]) -> StepCounts:
         seqs = [batch[k] for k in ("query", "target", "negative") if k in batch]
+        tokens, positions = sequence_counts(seqs)
         return StepCounts(
             images=sum(int(s["image_grid_thw"].shape[0]) for s in seqs if s.get("image_grid_thw") is not None),
-            samples=len(batch["keys"]), pairs=len(batch["keys"]),
-            tokens=sum(int(s["attention_mask"].sum()) for s in seqs))
+            samples=len(batch["keys"]), pairs=len(batch["keys"]), tokens=tokens, positions=positions)
 
     def init_args(self) -> dict[str, Any]:
         return {"loss": self.loss, "hard_negatives": self.hard_negatives,

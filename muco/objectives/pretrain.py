@@ -9,7 +9,7 @@ import torch
 
 from muco.losses.pretrain import pretrain_loss
 from muco.model.pooling import PooledEmbeddings
-from muco.objectives.base import EmbedFn, Objective, StepCounts, StepOutput
+from muco.objectives.base import EmbedFn, Objective, StepCounts, StepOutput, sequence_counts
 
 
 def own_turn_negative_sim(q: PooledEmbeddings, neg: PooledEmbeddings, num_turns: torch.Tensor,
@@ -69,13 +69,10 @@ class PretrainObjective(Objective):
                                      "masked_frac": out.masked_frac, **neg_metrics})
 
     def counts(self, batch: dict[str, Any]) -> StepCounts:
-        q, t = batch["query"], batch["target"]
-        grid = q.get("image_grid_thw")
-        tokens = q["attention_mask"].sum() + t["attention_mask"].sum()
-        if "negative" in batch:
-            tokens = tokens + batch["negative"]["attention_mask"].sum()
+        grid = batch["query"].get("image_grid_thw")
+        tokens, positions = sequence_counts([batch[k] for k in ("query", "target", "negative") if k in batch])
         return StepCounts(images=0 if grid is None else int(grid.shape[0]), samples=len(batch["keys"]),
-                          pairs=int(batch["num_turns"].sum()), tokens=int(tokens))
+                          pairs=int(batch["num_turns"].sum()), tokens=tokens, positions=positions)
 
     def init_args(self) -> dict[str, Any]:
         return {"symmetric_loss": self.symmetric_loss, "mask_same_text": self.mask_same_text}

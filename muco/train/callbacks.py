@@ -13,8 +13,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 
 class PairThroughput(Callback):
-    """Logs images/s, pairs/s and tokens/s per device and in total, the data-wait fraction of each step,
-    and peak accelerator memory, under ``perf/`` (``perf/pairs_per_s`` also on the progress bar). Not
+    """Logs images/s, pairs/s and tokens/s per device and in total, the data-wait fraction of each step, the
+    token efficiency (real tokens / computed positions: 1 - the padded share), and peak accelerator memory, under
+    ``perf/`` (``perf/pairs_per_s`` also on the progress bar). Not
     Lightning's ``ThroughputMonitor``, which counts samples and FLOPs of a model that declares them.
 
     Data wait is the time between the end of one step and the start of the next: the loader's share.
@@ -47,6 +48,8 @@ class PairThroughput(Callback):
             per_device = getattr(counts, name) / total
             metrics[f"perf/{name}_per_s_device"] = per_device
             metrics[f"perf/{name}_per_s"] = per_device * world
+        if counts.token_efficiency is not None:
+            metrics["perf/token_efficiency"] = counts.token_efficiency
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
             metrics["perf/peak_mem_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
         pairs = metrics.pop("perf/pairs_per_s")

@@ -30,8 +30,11 @@ def test_fit_logs_metrics_and_loss_falls(muco_cli, demo_data, tmp_path):
     scalars = read_scalars(run)
     for key in ("train/loss", "train/lr", "train/temperature", "train/pos_sim", "train/hardest_neg_sim",
                 "train/masked_frac", "train/grad_norm", "train/skipped_samples", "perf/images_per_s",
-                "perf/pairs_per_s", "perf/tokens_per_s", "perf/pairs_per_s_device", "perf/data_wait_frac"):
+                "perf/pairs_per_s", "perf/tokens_per_s", "perf/pairs_per_s_device", "perf/data_wait_frac",
+                "perf/token_efficiency"):
         assert key in scalars, f"{key} missing from {sorted(scalars)}"
+    # texts of different lengths: some padding in every batch, never more positions than real tokens
+    assert all(0 < v < 1 for _, v in scalars["perf/token_efficiency"])
     loss = [v for _, v in scalars["train/loss"]]
     assert len(loss) == 30
     assert sum(loss[-5:]) / 5 < sum(loss[:5]) / 5 - 0.2, loss

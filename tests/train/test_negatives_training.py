@@ -76,6 +76,8 @@ def test_model_step_with_negatives_matches_a_hand_written_reference(tiny_tok, ph
     assert float(logged["train/masked_frac"]) == pytest.approx((6 * 1 + 6 * 1 + 1) / (6 * 18))
     counts = m.objective.counts(batch)
     assert counts.pairs == 6
+    assert counts.positions == sum(batch[k]["attention_mask"].numel() for k in ("query", "target", "negative"))
+    assert counts.token_efficiency == counts.tokens / counts.positions < 1
     assert counts.tokens == sum(int(batch[k]["attention_mask"].sum()) for k in ("query", "target", "negative"))
     assert F.normalize(n, dim=-1).shape == (12, 128)
 
