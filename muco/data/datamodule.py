@@ -349,6 +349,18 @@ class MuCoDataModule(LightningDataModule):
         return "; ".join(parts) or "not set up"
 
 
+# the names Lightning stored this DataModule's state under before record kinds existed (its class name)
+LEGACY_STATE_KEYS = ("M3TDataModule", "PairDataModule")
+
+
+def adopt_legacy_state(checkpoint: dict[str, Any]) -> None:
+    """Let a checkpoint written by the earlier ``M3TDataModule`` / ``PairDataModule`` (same state format) restore
+    ``MuCoDataModule``'s data position: Lightning looks the state up by the DataModule's class name."""
+    for key in LEGACY_STATE_KEYS:
+        if key in checkpoint and MuCoDataModule.__qualname__ not in checkpoint:
+            checkpoint[MuCoDataModule.__qualname__] = checkpoint.pop(key)
+
+
 def known_record_kinds() -> list[RecordKind]:
     """One instance of every record kind the project ships (to name the kind of foreign shards)."""
     return [M3TRecords(), PairRecords()]

@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch import LightningModule
 
 from muco.components import plain
+from muco.data.datamodule import adopt_legacy_state
 from muco.inputs.tokenizer import SpecialTokenIds, build_tokenizer
 from muco.losses.temperature import Temperature, TemperatureSchedule
 from muco.model.backbone import BackboneConfig, build_backbone
@@ -211,6 +212,7 @@ class MuCoModule(LightningModule):
 
     # ---------------------------------------------------------- checkpoints
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        adopt_legacy_state(checkpoint)  # a run started before record kinds resumes at its exact data position
         # frozen weights are not in the checkpoint: they come from this run's backbone settings, which must
         # therefore be the checkpoint's (a changed seed or base model would silently train a mixed model)
         diff = resume_mismatches(checkpoint.get("hyper_parameters", {}), dict(self.hparams))

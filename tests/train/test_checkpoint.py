@@ -124,3 +124,15 @@ def test_checkpoint_from_before_objectives_rebuilds_with_the_same_options(tmp_pa
     assert rebuilt.objective.init_args() == kind.init_args()
     for name, p in module.state_dict().items():
         assert torch.equal(rebuilt.state_dict()[name], p), name
+
+
+def test_a_run_from_before_record_kinds_resumes_its_data_position():
+    module = MuCoModule(tokenizer="tiny", backbone=BackboneConfig(preset="tiny"))
+    state = {"format": 2, "epoch": 3, "ranks": [{"epoch": 3, "batches": 5}]}
+    for old in ("M3TDataModule", "PairDataModule"):
+        checkpoint = {"hyper_parameters": dict(module.hparams), old: state}
+        module.on_load_checkpoint(checkpoint)  # Lightning calls it before it restores the DataModule
+        assert checkpoint.get("MuCoDataModule") is state and old not in checkpoint
+    current = {"hyper_parameters": dict(module.hparams), "MuCoDataModule": state, "M3TDataModule": {"epoch": 0}}
+    module.on_load_checkpoint(current)
+    assert current["MuCoDataModule"] is state  # a current checkpoint's own state wins
