@@ -72,7 +72,7 @@ class MineStream(IterableDataset):
         self._failures = 0
         self._wid = ""
         self._skip_log = SkipLog()
-        self._read_tar = TarReader(lambda url, key, reason: self._skip(self._wid, url, key, reason), "the shards")
+        self._read_tar = TarReader(self._tar_error, "the shards")  # a bound method: picklable into spawn workers
 
     def decode(self, raw: dict[str, Any]) -> PretrainSample:
         record, image = record_and_image(raw)
@@ -104,6 +104,9 @@ class MineStream(IterableDataset):
             yield from self._mine_batch(buf, wid)
         self._skip_log.close(wid, self.skipped)
         yield {"final": True, "stats": {"skipped": self.skipped, "samples": self.samples, "worker": wid}}
+
+    def _tar_error(self, url: str, key: str | None, reason: str) -> None:
+        self._skip(self._wid, url, key, reason)
 
     def _skip(self, wid: str, url: str, key: str | None, err: object) -> None:
         self.skipped += 1

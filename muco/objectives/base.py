@@ -46,9 +46,11 @@ class StepCounts:
 
 
 def sequence_counts(sequences: list[dict[str, torch.Tensor]]) -> tuple[int, int]:
-    """(real tokens, computed positions) of padded model inputs."""
-    return (sum(int(s["attention_mask"].sum()) for s in sequences),
-            sum(int(s["attention_mask"].numel()) for s in sequences))
+    """(real tokens, computed positions) of padded model inputs; one device sync for the token count."""
+    if not sequences:
+        return 0, 0
+    tokens = torch.stack([s["attention_mask"].sum() for s in sequences]).sum()
+    return int(tokens), sum(int(s["attention_mask"].numel()) for s in sequences)
 
 
 class Objective(Component):

@@ -96,3 +96,14 @@ def test_runs_of_k_turns_equal_the_training_sequences_of_k_turns(encoder, mine_s
     whole = embed_queries(encoder, _stream(encoder.tokenizer, manifest, batch_size=4), progress=False)
     assert torch.allclose(q.emb[9:11], whole.emb[9:11], atol=1e-5)  # turns 1-2: the same prefix
     assert not torch.allclose(q.emb[11], whole.emb[11], atol=1e-3)  # turn 3 now opens its own sequence
+
+
+def test_mine_stream_pickles_into_spawned_workers():
+    import pickle
+
+    from muco.data.tar_reader import TarReader
+    from muco.inputs.image_policy import ImagePolicy
+    from muco.mine.embed import MineStream
+
+    stream = pickle.loads(pickle.dumps(MineStream(["a.tar"], None, ImagePolicy.preset("tiny"), 2)))  # type: ignore[arg-type]
+    assert isinstance(stream._read_tar, TarReader) and stream._read_tar.on_error.__self__ is stream
