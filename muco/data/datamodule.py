@@ -45,7 +45,7 @@ from muco.data.m3t.kind import M3TRecords
 from muco.data.pairs.kind import PairRecords
 from muco.data.position import BatchStats, SharedCounts, SharedEpoch
 from muco.data.progress import DataProgress
-from muco.data.shards import ShardSet, is_remote, peek_first_json, resolve_shards
+from muco.data.shards import ShardSet, peek_first_json, resolve_shards
 from muco.data.skips import SKIP_FILE
 from muco.data.stream import ShardStream, StreamConfig
 from muco.distributed import gather_objects
@@ -226,8 +226,6 @@ class MuCoDataModule(LightningDataModule):
 
     def _check_kind(self, shards: ShardSet, name: str) -> None:
         url = shards.urls[0]
-        if is_remote(url):
-            return
         try:
             first = peek_first_json(url)
             record = None if first is None else json.loads(first[1])

@@ -1,8 +1,11 @@
-"""Shard files on disk: pattern and manifest resolution, atomic tar writing, a peek at the first record.
+"""Shard files: pattern and manifest resolution, atomic tar writing, a peek at the first record.
 
 Writers never leave a half shard behind: each shard is written to ``<name>.tmp`` and renamed with
 ``os.replace`` once complete, and a failed conversion removes its open ``.tmp``. Readers accept brace
-patterns (``train-{000000..000009}.tar``), globs, lists of either, and the converter's ``manifest.json``.
+patterns (``train-{000000..000009}.tar``), globs, lists of either, and the converter's ``manifest.json``;
+local or remote (any URL webdataset's ``gopen`` opens: ``http(s)://``, ``gs://``, ``pipe:<command>``, ...).
+A remote manifest's relative shard names are resolved against its own URL, as local ones against its
+directory.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urljoin
 
 import braceexpand
+from webdataset.gopen import gopen
 
 MANIFEST_NAME = "manifest.json"
 _GLOB_CHARS = "*?["
@@ -32,27 +37,60 @@ class ShardSet:
 
 
 def is_remote(url: str) -> bool:
+    """A URL for webdataset's ``gopen`` (a scheme, or a ``pipe:`` command) rather than a local path."""
     return "://" in url or url.startswith("pipe:")
 
 
-def read_manifest(path: str | os.PathLike) -> ShardSet:
-    """Read a converter manifest; shard names are relative to the manifest's directory."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest {path} does not exist; run `muco data convert` or fix the path")
+MAX_MANIFEST_BYTES = 256 << 20  # a manifest of millions of shards is ~100 MB; anything larger is not one
+
+
+def read_remote(url: str, limit: int = MAX_MANIFEST_BYTES) -> bytes:
+    """The whole object at ``url`` (through ``gopen``: curl for http(s), the command for ``pipe:``)."""
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        with gopen(url, "rb") as stream:
+            data = stream.read(limit + 1)
+    except (OSError, ValueError) as e:  # curl's exit status (22: an HTTP error such as 404), an unknown scheme
+        raise FileNotFoundError(f"{url} could not be read ({' '.join(str(e).split())}); check the URL, that "
+                                "the server is up and that its tools (curl, gsutil, ...) are installed") from None
+    if len(data) > limit:
+        raise ValueError(f"{url} is larger than {limit} bytes; is it really a manifest?")
+    return data
+
+
+def _shard_url(manifest: str, name: str) -> str:
+    if is_remote(name):
+        return name
+    if not is_remote(manifest):
+        return str(Path(manifest).parent / name)
+    if manifest.startswith("pipe:"):
+        raise ValueError(f"manifest {manifest} lists the relative shard name {name!r}; a manifest read through "
+                         "pipe: has no base to resolve it: list absolute shard URLs, or serve it over http(s)")
+    return urljoin(manifest, name)
+
+
+def read_manifest(path: str | os.PathLike) -> ShardSet:
+    """Read a converter manifest (a local path or a URL); shard names are relative to the manifest's directory
+    (its URL). Local shards must exist; remote ones are checked when they are read."""
+    path = str(path)
+    if is_remote(path):
+        raw = read_remote(path)
+    elif not os.path.isfile(path):
+        raise FileNotFoundError(f"manifest {path} does not exist; run `muco data convert` or fix the path")
+    else:
+        raw = Path(path).read_bytes()
+    try:
+        obj = json.loads(raw.decode("utf-8"))
         shards = obj["shards"]
         names = [s["name"] for s in shards]
         counts = [int(s["num_samples"]) for s in shards]
         if not names or not all(isinstance(n, str) and n for n in names) or min(counts) < 0:
             raise ValueError("needs a non-empty 'shards' list of {name, num_samples >= 0}")
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError) as e:  # UnicodeDecodeError is a ValueError
         raise ValueError(
             f"manifest {path} is invalid ({e}); expected {{'shards': [{{'name': ..., 'num_samples': ...}}], "
             f"'num_samples': ...}} as written by `muco data convert`; re-run the conversion"
         ) from None
-    urls = [n if is_remote(n) else str(path.parent / n) for n in names]
+    urls = [_shard_url(path, n) for n in names]
     missing = [u for u in urls if not is_remote(u) and not os.path.exists(u)]
     if missing:
         raise FileNotFoundError(
@@ -105,8 +143,9 @@ def resolve_shards(spec: str | list[str]) -> ShardSet:
 
 
 def peek_first_json(url: str) -> tuple[str, bytes] | None:
-    """(key, bytes) of the first ``*.json`` member of a local shard, or None if it has none."""
-    with tarfile.open(url, mode="r|*") as tar:
+    """(key, bytes) of the first ``*.json`` member of a shard (local or remote: only its first members are
+    read), or None if it has none."""
+    with gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
         for info in tar:
             if info.isreg() and info.name.endswith(".json"):
                 f = tar.extractfile(info)

@@ -4,6 +4,7 @@ opens works (local paths, ``pipe:``, http)."""
 
 from __future__ import annotations
 
+import re
 import tarfile
 from collections.abc import Callable, Iterator
 
@@ -14,6 +15,21 @@ MAX_EMPTY_SHARDS = 1000  # shards in a row without a single sample: an empty sha
 
 # on_error(url, key or None, reason): a sample lost to an unreadable tar
 ErrorHandler = Callable[[str, "str | None", str], None]
+
+# curl's exit codes a remote shard meets (webdataset reads http(s) through `curl -f`)
+CURL_EXITS = {6: "host not found", 7: "connection refused", 18: "transfer cut short", 22: "HTTP error (e.g. 404)",
+              28: "timed out", 35: "TLS handshake failed", 56: "connection reset"}
+
+
+def describe_error(url: str, e: BaseException) -> str:
+    """A one-line cause; a failed ``pipe:`` / curl read is told by its exit status instead of webdataset's dump
+    of the whole command line."""
+    m = re.search(r"exit (\d+) \(read\)", str(e))
+    if m is None:
+        return f"{type(e).__name__}: {e}"
+    code = int(m.group(1))
+    what = CURL_EXITS.get(code, "see curl's exit codes") if "://" in url else "the command failed"
+    return f"reader exited with status {code}: {what}"
 
 
 class TarReader:
@@ -51,7 +67,7 @@ class TarReader:
         except (tarfile.TarError, OSError, EOFError, ValueError) as e:
             if current is not None and reading == current["__key__"]:
                 current, reading = None, current["__key__"]  # it lost a member
-            self.on_error(url, reading, f"unreadable tar, rest of shard skipped ({type(e).__name__}: {e})")
+            self.on_error(url, reading, f"unreadable tar, rest of shard skipped ({describe_error(url, e)})")
         if current is not None:  # complete as far as the tar goes; decoding checks its members
             self.empty_shards = 0
             yield current
