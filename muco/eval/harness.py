@@ -125,15 +125,38 @@ def _check_images_exist(task: Task, origin: dict[Path, tuple[int, str]]) -> None
         raise EvalDataError(reason, task=task.name, row=row, column=column, file=first, what="image")
 
 
-def evaluate_task(
-    encode_fn: EncodeFn, task: Task, batch_size: int = 32, load: ImageLoader = load_image
-) -> TaskResult:
-    """Encode each distinct candidate and every query once, rank every query's own list, score it.
+@dataclass
+class TaskScores:
+    """A task encoded and scored: what the metrics, the result files and the validation pictures read.
+
+    ``lists[i]`` indexes query i's candidates into the distinct candidates (``cand_*``; the first entry is the
+    gold one), ``scores[i]`` are their cosines with query i, in list order.
+    """
+
+    task: Task
+    queries: torch.Tensor  # [n, d] L2-normalised
+    candidates: torch.Tensor  # [m, d] L2-normalised, one row per distinct candidate name
+    lists: list[torch.Tensor]
+    scores: list[torch.Tensor]
+    cand_names: list[str]
+    cand_texts: list[str]
+    cand_paths: list[Path | None]
+    query_texts: list[str]
+    query_paths: list[Path | None]
+    refs: int
+    conflicts: int
+
+    def relevant(self, i: int) -> torch.Tensor:
+        """Query i's gold mask over its list: same index <=> same name as the gold candidate."""
+        return self.lists[i] == self.lists[i][0]
+
+
+def score_task(encode_fn: EncodeFn, task: Task, batch_size: int = 32, load: ImageLoader = load_image) -> TaskScores:
+    """Encode each distinct candidate and every query once and score every query's own list.
 
     A missing, truncated or corrupt image raises :class:`muco.eval.errors.EvalDataError` naming the task, the
     (first) row and column that reference it, and the file; missing files are found before anything is encoded.
     """
-    start = time.perf_counter()
     root, mode = task.spec.image_root, task.spec.candidates
     index: dict[str, int] = {}
     c_text: list[str] = []
@@ -179,20 +202,31 @@ def evaluate_task(
     cand = encode_items(encode_fn, c_text, c_path, batch_size, load)
     q_path = [_image_path(root, q.qry_img_path) for q in task.queries]
     qry = encode_items(encode_fn, q_text, q_path, batch_size, load)
+    scores = [cand[ids] @ qry[qi] for qi, ids in enumerate(lists)]
+    return TaskScores(task=task, queries=qry, candidates=cand, lists=lists, scores=scores, cand_names=c_name,
+                      cand_texts=c_text, cand_paths=c_path, query_texts=q_text, query_paths=q_path, refs=refs,
+                      conflicts=conflicts)
 
-    scores, relevant, ranks, top1 = [], [], [], []
-    for qi, ids in enumerate(lists):
-        s = cand[ids] @ qry[qi]
-        r = ids == ids[0]  # same index <=> same name as the gold candidate
-        scores.append(s)
-        relevant.append(r)
-        ranks.append(gold_rank(s, r))
-        top1.append(c_name[int(ids[int(s.argmax())])])
-    result = TaskResult(
-        name=task.name, metrics=ranking_metrics(scores, relevant), num_queries=len(lists),
-        num_candidates=len(c_text), num_candidate_refs=refs, name_conflicts=conflicts,
-        seconds=time.perf_counter() - start, gold_ranks=ranks, top1=top1,
+
+def task_result(scored: TaskScores, seconds: float) -> TaskResult:
+    """Metrics, gold ranks and top-1 names of a scored task."""
+    relevant = [scored.relevant(i) for i in range(len(scored.lists))]
+    ranks = [gold_rank(s, r) for s, r in zip(scored.scores, relevant)]
+    top1 = [scored.cand_names[int(ids[int(s.argmax())])] for ids, s in zip(scored.lists, scored.scores)]
+    return TaskResult(
+        name=scored.task.name, metrics=ranking_metrics(scored.scores, relevant), num_queries=len(scored.lists),
+        num_candidates=len(scored.cand_texts), num_candidate_refs=scored.refs, name_conflicts=scored.conflicts,
+        seconds=seconds, gold_ranks=ranks, top1=top1,
     )
+
+
+def evaluate_task(
+    encode_fn: EncodeFn, task: Task, batch_size: int = 32, load: ImageLoader = load_image
+) -> TaskResult:
+    """:func:`score_task`, then the metrics of :func:`task_result`."""
+    start = time.perf_counter()
+    result = task_result(score_task(encode_fn, task, batch_size, load), 0.0)
+    result.seconds = time.perf_counter() - start
     log.info("%s: %d queries, %d distinct candidates, P@1 %.4f (%.1f s)", task.name, result.num_queries,
              result.num_candidates, result.metrics["precision@1"], result.seconds)
     return result

@@ -78,6 +78,10 @@ class MuCoModule(LightningModule):
         eval_image_policy: resolution preset for MMEB-format evaluation (in `fit` and of this checkpoint).
         val_tasks: an MMEB-format task list (YAML) run at the end of every validation epoch, logged under
             ``val/<task>/precision@1`` and ``val/overall``; ``val_task_limit`` queries per task.
+        val_pictures: with ``val_tasks`` and a TensorBoard logger, the first N queries of each task are shown at
+            every validation: a projector of their embeddings (image thumbnails, task and label), a grid of
+            retrieval examples (top-5, hit or miss) and histograms of positive and hardest-negative
+            similarities (:mod:`muco.eval.pictures`); drawn from the scores the metrics use. 0: none.
         init_from: a muco ``.ckpt`` whose trained weights this run starts from, with a fresh optimizer, schedule
             and step count (fine-tuning starts from pretraining, ``muco rounds`` starts round r from round r-1);
             ``model.backbone`` must describe the same model. Use ``--ckpt_path`` instead to resume an
@@ -100,6 +104,7 @@ class MuCoModule(LightningModule):
         eval_image_policy: str = "eval",
         val_tasks: str | None = None,
         val_task_limit: int | None = 100,
+        val_pictures: int = 16,
         eval_batch_size: int = 32,
         init_from: str | None = None,
         merge_adapter_first: bool = False,
@@ -142,6 +147,9 @@ class MuCoModule(LightningModule):
         self.strict_loading = save_frozen_weights
         self.eval_image_policy = eval_image_policy
         self.val_tasks, self.val_task_limit, self.eval_batch_size = val_tasks, val_task_limit, eval_batch_size
+        if val_pictures < 0:
+            raise ValueError(f"model.val_pictures must be >= 0 (0: no pictures), got {val_pictures}")
+        self.val_pictures = val_pictures
         self._sharded = False
 
     # ---------------------------------------------------------------- model
@@ -179,12 +187,26 @@ class MuCoModule(LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.val_tasks is None or self.trainer.sanity_checking:
             return
-        from muco.eval.validation import run_val_tasks
+        from muco.eval.validation import score_val_tasks, val_metrics
 
         # every rank runs the same tasks: under FSDP2 each forward needs all ranks anyway
-        metrics = run_val_tasks(self.tokenizer, self.embedder.backbone, self.val_tasks, self.eval_image_policy,
-                                self.val_task_limit, self.eval_batch_size)
-        self.log_dict(metrics, batch_size=1)
+        scored = score_val_tasks(self.tokenizer, self.embedder.backbone, self.val_tasks, self.eval_image_policy,
+                                 self.val_task_limit, self.eval_batch_size)
+        self.log_dict(val_metrics(scored, self.val_tasks, self.val_task_limit), batch_size=1)
+        writer = self._tensorboard()
+        if self.val_pictures and writer is not None and self.trainer.is_global_zero:
+            from muco.eval.pictures import log_pictures
+
+            log_pictures(writer, scored, self.global_step, self.val_pictures)
+
+    def _tensorboard(self) -> Any:
+        """The SummaryWriter of the run's TensorBoard logger, if it has one."""
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                return logger.experiment
+        return None
 
     def _log_data_stats(self, batch: dict[str, Any]) -> None:
         stats = batch.get("stats")

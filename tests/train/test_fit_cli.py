@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.train.conftest import REPO, read_scalars
 
@@ -21,8 +23,11 @@ def start_lines(stderr: str) -> list[str]:
 
 
 def test_fit_logs_metrics_and_loss_falls(muco_cli, demo_data, tmp_path):
+    # one validation at the end, with MMEB-format tasks and their pictures
     res = muco_cli("fit", "--config", CONFIG, *data_args(demo_data), "--trainer.max_steps=30",
-                   "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false", cwd=tmp_path)
+                   "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
+                   "--trainer.val_check_interval=30", f"--model.init_args.val_tasks={demo_data}/eval/tasks.yaml",
+                   "--model.init_args.val_task_limit=6", "--model.init_args.val_pictures=3", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "runs" / "tiny"  # the run directory: logs, config and checkpoints, no version_N
     assert (run / "config.yaml").exists(), "the resolved config is saved next to the logs"
@@ -42,6 +47,16 @@ def test_fit_logs_metrics_and_loss_falls(muco_cli, demo_data, tmp_path):
     assert scalars["train/temperature"][-1][1] == torch.tensor(0.02).item()
     masked = scalars["train/masked_frac"][-1][1]
     assert abs(masked - 6 / (8 * 7)) < 1e-6
+    # the validation's pictures: a retrieval grid and similarity histograms per task, one projector
+    tasks = [t["name"] for t in yaml.safe_load((demo_data / "eval" / "tasks.yaml").read_text())["tasks"]]
+    assert "val/overall" in scalars and all(f"val/{t}/precision@1" in scalars for t in tasks)
+    ea = EventAccumulator(str(run), size_guidance={"images": 0, "histograms": 0})
+    ea.Reload()
+    assert sorted(ea.Tags()["images"]) == sorted(f"val_pictures/{t}" for t in tasks)
+    assert {f"val_similarity/{t}/positive" for t in tasks} <= set(ea.Tags()["histograms"])
+    assert [e.step for e in ea.Images(f"val_pictures/{tasks[0]}")] == [30]
+    meta = (run / "00030" / "val_queries" / "metadata.tsv").read_text().splitlines()
+    assert len(meta) == 1 + 3 * len(tasks) and (run / "projector_config.pbtxt").is_file()
 
 
 def test_resume_continues_at_the_right_step_with_optimizer_state(muco_cli, demo_data, tmp_path):
