@@ -10,6 +10,7 @@ harness calls it with at most ``batch_size`` items and L2-normalises what it ret
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,7 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
+from muco.distributed import gather_objects, rank_world
 from muco.eval.errors import EvalDataError, image_error
 from muco.eval.metrics import gold_rank, ranking_metrics
 from muco.eval.tasks import Task
@@ -58,40 +61,99 @@ class TaskResult:
         return d
 
 
+class RankFailure(RuntimeError):
+    """Another process failed while encoding the same items (its message is the cause)."""
+
+    def __init__(self, rank: int, message: str) -> None:
+        super().__init__(f"{message} (on rank {rank})")
+
+
+class EmbeddingCache:
+    """Embeddings of items already encoded, by (user text, image path): tasks that share candidates (the same
+    class names, the same image pool) encode them once per run. Only valid for one model and image policy."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, Path | None], torch.Tensor] = {}
+        self.hits = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
 def encode_items(
     encode_fn: EncodeFn,
     texts: Sequence[str],
     image_paths: Sequence[Path | None],
     batch_size: int,
     load: ImageLoader = load_image,
+    cache: EmbeddingCache | None = None,
+    progress: str | None = None,
 ) -> torch.Tensor:
-    """Embeddings [n, d] (fp32, L2-normalised, CPU) in input order; images are read one batch ahead."""
+    """Embeddings [n, d] (fp32, L2-normalised, CPU) in input order; images are read one batch ahead.
+
+    With several processes (torch.distributed initialised, every rank calling with the same items), rank r
+    encodes batches r, r + W, ... of the single-process batching and the embeddings are gathered: every item
+    is encoded in the same batch as in one process, so the result is the same, bit for bit. Items found in
+    ``cache`` are not encoded again; new ones are added to it. ``progress`` names a bar on rank 0 (items/s).
+    """
     n = len(texts)
     if n != len(image_paths):
         raise ValueError(f"{n} texts but {len(image_paths)} image paths")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    keys = [(texts[i], image_paths[i]) for i in range(n)]
+    known = {i: cache.rows[k] for i, k in enumerate(keys) if k in cache.rows} if cache is not None else {}
+    todo = [i for i in range(n) if i not in known]
     # longest first: less padding per batch, and an out-of-memory shows up on the first batch
-    order = sorted(range(n), key=lambda i: (image_paths[i] is not None, len(texts[i])), reverse=True)
-    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
-    out: torch.Tensor | None = None
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    order = sorted(todo, key=lambda i: (image_paths[i] is not None, len(texts[i])), reverse=True)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    rank, world = rank_world()
+    mine = batches[rank::world]
+    parts: list[tuple[list[int], torch.Tensor]] = []
+    bar = tqdm(total=len(order), desc=progress, unit="item", leave=False,
+               disable=progress is None or rank != 0 or not sys.stderr.isatty())
+    error: Exception | None = None
+    with ThreadPoolExecutor(max_workers=4) as pool, bar:
 
         def submit(batch: list[int]) -> list[Future | None]:
             return [pool.submit(load, image_paths[i]) if image_paths[i] is not None else None for i in batch]
 
-        pending = submit(batches[0]) if batches else []
-        for k, batch in enumerate(batches):
-            futures, pending = pending, (submit(batches[k + 1]) if k + 1 < len(batches) else [])
-            images = [f.result() if f is not None else None for f in futures]
-            emb = encode_fn([texts[i] for i in batch], images)
-            if emb.ndim != 2 or emb.shape[0] != len(batch):
-                raise ValueError(f"encode_fn returned shape {tuple(emb.shape)} for {len(batch)} items")
-            emb = F.normalize(emb.detach().float().cpu(), dim=-1)
-            if out is None:
-                out = torch.empty(n, emb.shape[1])
-            out[torch.tensor(batch)] = emb
-    return out if out is not None else torch.empty(0, 0)
+        try:
+            pending = submit(mine[0]) if mine else []
+            for k, batch in enumerate(mine):
+                futures, pending = pending, (submit(mine[k + 1]) if k + 1 < len(mine) else [])
+                images = [f.result() if f is not None else None for f in futures]
+                emb = encode_fn([texts[i] for i in batch], images)
+                if emb.ndim != 2 or emb.shape[0] != len(batch):
+                    raise ValueError(f"encode_fn returned shape {tuple(emb.shape)} for {len(batch)} items")
+                parts.append((batch, F.normalize(emb.detach().float().cpu(), dim=-1)))
+                bar.update(len(batch) * world)  # the other ranks advance at the same pace
+        except Exception as e:
+            if world == 1:
+                raise
+            error = e  # the other ranks wait in the gather below: reach it, then fail together
+    if world > 1:
+        gathered = gather_objects((parts, None if error is None else " ".join(str(error).split())))
+        if error is not None:
+            raise error
+        failures = [(r, msg) for r, (_, msg) in enumerate(gathered) if msg is not None]
+        if failures:
+            raise RankFailure(*failures[0])
+        parts = [p for ps, _ in gathered for p in ps]
+    rows = [e for _, e in parts] + list(known.values())
+    if not rows:
+        return torch.empty(0, 0)
+    out = torch.empty(n, rows[0].shape[-1])
+    for batch, emb in parts:
+        out[torch.tensor(batch)] = emb
+    for i, e in known.items():
+        out[i] = e
+    if cache is not None:
+        cache.hits += len(known)
+        for batch, emb in parts:
+            for i, e in zip(batch, emb):
+                cache.rows[keys[i]] = e.clone()
+    return out
 
 
 def _image_path(root: Path | None, rel: str | None) -> Path | None:
@@ -151,8 +213,10 @@ class TaskScores:
         return self.lists[i] == self.lists[i][0]
 
 
-def score_task(encode_fn: EncodeFn, task: Task, batch_size: int = 32, load: ImageLoader = load_image) -> TaskScores:
-    """Encode each distinct candidate and every query once and score every query's own list.
+def score_task(encode_fn: EncodeFn, task: Task, batch_size: int = 32, load: ImageLoader = load_image,
+               cache: EmbeddingCache | None = None, progress: bool = False) -> TaskScores:
+    """Encode each distinct candidate and every query once and score every query's own list (candidates found
+    in ``cache`` are not encoded again; see :func:`encode_items` for several processes and ``progress``).
 
     A missing, truncated or corrupt image raises :class:`muco.eval.errors.EvalDataError` naming the task, the
     (first) row and column that reference it, and the file; missing files are found before anything is encoded.
@@ -199,9 +263,10 @@ def score_task(encode_fn: EncodeFn, task: Task, batch_size: int = 32, load: Imag
 
     _check_images_exist(task, origin)
     load = _located_loader(task, load, origin)
-    cand = encode_items(encode_fn, c_text, c_path, batch_size, load)
+    cand = encode_items(encode_fn, c_text, c_path, batch_size, load, cache,
+                        f"{task.name}: candidates" if progress else None)
     q_path = [_image_path(root, q.qry_img_path) for q in task.queries]
-    qry = encode_items(encode_fn, q_text, q_path, batch_size, load)
+    qry = encode_items(encode_fn, q_text, q_path, batch_size, load, None, f"{task.name}: queries" if progress else None)
     scores = [cand[ids] @ qry[qi] for qi, ids in enumerate(lists)]
     return TaskScores(task=task, queries=qry, candidates=cand, lists=lists, scores=scores, cand_names=c_name,
                       cand_texts=c_text, cand_paths=c_path, query_texts=q_text, query_paths=q_path, refs=refs,
@@ -221,11 +286,12 @@ def task_result(scored: TaskScores, seconds: float) -> TaskResult:
 
 
 def evaluate_task(
-    encode_fn: EncodeFn, task: Task, batch_size: int = 32, load: ImageLoader = load_image
+    encode_fn: EncodeFn, task: Task, batch_size: int = 32, load: ImageLoader = load_image,
+    cache: EmbeddingCache | None = None, progress: bool = False,
 ) -> TaskResult:
     """:func:`score_task`, then the metrics of :func:`task_result`."""
     start = time.perf_counter()
-    result = task_result(score_task(encode_fn, task, batch_size, load), 0.0)
+    result = task_result(score_task(encode_fn, task, batch_size, load, cache, progress), 0.0)
     result.seconds = time.perf_counter() - start
     log.info("%s: %d queries, %d distinct candidates, P@1 %.4f (%.1f s)", task.name, result.num_queries,
              result.num_candidates, result.metrics["precision@1"], result.seconds)

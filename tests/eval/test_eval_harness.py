@@ -167,3 +167,16 @@ def test_image_errors_name_the_task_row_column_and_file(image_dir, tmp_path):
     (imgs / "2.png").write_bytes(b"GIF89a but not really")
     with pytest.raises(EvalDataError, match=r"row 1 \(tgt_img_path\[1\]\), image .*2.png: not an image"):
         evaluate_task(enc, t2i([["0.png", "1.png"], ["1.png", "2.png"]]), batch_size=2)
+
+
+def test_a_cache_encodes_candidates_shared_by_tasks_once(image_dir):
+    from muco.eval.harness import EmbeddingCache
+
+    stub, cache = StubEncoder(), EmbeddingCache()
+    first = evaluate_task(stub, cls_task(image_dir), batch_size=2, cache=cache)
+    assert len(cache) == 3 and cache.hits == 0
+    stub.seen.clear()
+    again = evaluate_task(stub, cls_task(image_dir), batch_size=2, cache=cache)
+    assert len(stub.seen) == 3 and not {"cat\n", "dog\n", "bird\n"} & set(stub.seen)  # the queries only
+    assert cache.hits == 3
+    assert again.metrics == first.metrics and again.gold_ranks == first.gold_ranks
