@@ -10,6 +10,8 @@ export TOKENIZERS_PARALLELISM := false
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[dev]'
+	# img2dataset declares webdataset<0.3 (muco needs 1.x); its other dependencies are in the extras
+	$(PY) -m pip install -q -c constraints-cpu.txt --no-deps img2dataset
 	touch $(STAMP)
 
 install: $(STAMP)

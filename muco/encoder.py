@@ -23,7 +23,8 @@ from PIL import Image
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from muco.inputs.image_policy import ImagePolicy, to_rgb
+from muco.inputs.image_policy import ImagePolicy
+from muco.inputs.rgb import to_rgb
 from muco.inputs.sequence import SequenceEncoder, check_user_text
 from muco.inputs.templates import EMB_TOKEN, IMG, base_template, single_turn_user_text
 from muco.inputs.tokenizer import SpecialTokenIds, add_muco_tokens

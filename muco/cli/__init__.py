@@ -15,7 +15,7 @@ from muco import __version__
 
 # tool subcommands: name -> (module with `main(argv) -> int`, one-line help)
 TOOLS: dict[str, tuple[str, str]] = {
-    "data": ("muco.cli.convert", "`muco data convert`: M3T parquet / JSONL records -> webdataset shards"),
+    "data": ("muco.cli.data", "`muco data convert | merge-manifests | download`: records -> webdataset shards"),
     "eval": ("muco.cli.eval", "run MMEB-format evaluation on a checkpoint or an exported model"),
     "export": ("muco.cli.export", "merge the adapter and write a Hugging Face-format directory"),
     "mine": ("muco.cli.mine", "mine hard negatives for every query turn of a shard set (a sidecar for training)"),
@@ -45,8 +45,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[0] in ("-V", "--version", "version"):
         print(f"muco {__version__}")
         return 0
-    if argv[0] == "data" and len(argv) > 1 and argv[1] == "convert":
-        argv = ["data"] + argv[2:]  # `muco data convert ...` reads better; `convert` is the only data tool
     if argv[0] in TOOLS:
         module = importlib.import_module(TOOLS[argv[0]][0])
         return int(module.main(argv[1:]) or 0)

@@ -9,7 +9,7 @@ from typing import Any
 
 from PIL import Image
 
-from muco.inputs.image_policy import to_rgb
+from muco.inputs.rgb import to_rgb
 
 KEEP_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as is; others -> JPEG
 

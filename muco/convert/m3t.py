@@ -15,10 +15,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from muco.convert.downloaded import download_failure, downloaded_items, is_download_dir
 from muco.convert.images import ImageError, load_image
 from muco.convert.limits import check_sequence_length, check_text_length
-from muco.convert.pipeline import ConvertOptions, ConvertSummary, Prepared, prepared, rejected, run_conversion
-from muco.convert.sources import LineError, jsonl_items, parquet_items, parse_line
+from muco.convert.pipeline import (
+    EARLY_ABORT_RECORDS,
+    ConvertOptions,
+    ConvertSummary,
+    Prepared,
+    Progress,
+    prepared,
+    rejected,
+    run_conversion,
+)
+from muco.convert.sources import JsonlSource, LineError, parquet_items, parse_line
 from muco.data.m3t.records import M3T_TASKS, M3TRecord, turns_from_lists
 from muco.data.records import MAX_SEQUENCE_CHARS, MAX_TEXT_CHARS, RecordError
 
@@ -83,7 +93,11 @@ def _prepare(index: int, key: str | None, read: Callable[[], tuple[M3TRecord, An
 
 
 def prepare_row(index: int, row: dict[str, Any], key: str, opts: M3TOptions) -> Prepared:
-    """The preparer of parquet rows (runs in the workers)."""
+    """The preparer of parquet rows (runs in the workers); a row whose image did not download (marked by
+    ``muco.convert.downloaded.downloaded_items``) is a ``download_failed`` / ``not_downloaded`` reject."""
+    failure = download_failure(row)
+    if failure is not None:
+        return rejected(index, key, failure)
     return _prepare(index, key, lambda: record_from_row(key, row), opts)
 
 
@@ -99,24 +113,35 @@ def _options(image_root: str | os.PathLike, turns: int | None, max_side: int | N
                       turns=turns)
 
 
-def convert_parquet(parquet: str | os.PathLike | list, image_root: str | os.PathLike, output: str, *,
+def convert_parquet(parquet: str | os.PathLike | list, image_root: str | os.PathLike | None, output: str, *,
                     turns: int | None = 7, max_side: int | None = None, jpeg_quality: int = 90,
                     max_samples_per_shard: int = 1000, max_bytes_per_shard: int = 1 << 30, workers: int = 0,
                     manifest: str | None = None, rejects: str | None = None, key_prefix: str | None = None,
                     batch_rows: int = 1024, limit: int | None = None, overwrite: bool = False,
                     max_text_chars: int | None = MAX_TEXT_CHARS,
-                    max_sequence_chars: int | None = MAX_SEQUENCE_CHARS) -> ConvertSummary:
+                    max_sequence_chars: int | None = MAX_SEQUENCE_CHARS,
+                    downloaded: str | os.PathLike | None = None, part: tuple[int, int] | None = None,
+                    progress: Progress | None = None, early_abort: int = EARLY_ABORT_RECORDS) -> ConvertSummary:
     """Released M3T parquet(s) -> shards. Keys are ``<file stem>_<row:09d>`` unless ``key_prefix`` is set.
-    ``max_text_chars`` / ``max_sequence_chars``: length limits (0 or None: none), see ``check_m3t_lengths``."""
+    ``max_text_chars`` / ``max_sequence_chars``: length limits (0 or None: none), see ``check_m3t_lengths``.
+    ``downloaded``: a ``muco data download`` directory to read the images from (``image_root`` is then unused);
+    an ``image_root`` that is one is taken as such. ``part``, ``progress``, ``early_abort`` and resuming: see
+    :func:`muco.convert.pipeline.run_conversion`."""
     paths = [str(p) for p in (parquet if isinstance(parquet, list) else [parquet])]
+    if downloaded is None and is_download_dir(image_root):
+        downloaded = image_root
+    image_root = image_root if downloaded is None else downloaded
     opts = _options(image_root, turns, max_side, jpeg_quality, max_text_chars, max_sequence_chars)
     items = parquet_items(paths, PARQUET_COLUMNS, optional=("qry_sentence",), key_prefix=key_prefix,
                           batch_rows=batch_rows, limit=limit)
+    if downloaded is not None:  # rows -> downloaded files or failures, here in the main process
+        items = downloaded_items(items, downloaded)
     # keys are row numbers, so the duplicate check is skipped
     return run_conversion(prepare_row, items, output, opts, max_samples_per_shard=max_samples_per_shard,
                           max_bytes_per_shard=max_bytes_per_shard, workers=workers, manifest=manifest,
                           rejects=rejects, overwrite=overwrite, source=",".join(paths),
-                          manifest_extra={"turns": opts.turns}, check_duplicates=False)
+                          manifest_extra={"turns": opts.turns}, check_duplicates=False, part=part,
+                          progress=progress, early_abort=early_abort)
 
 
 def convert_jsonl(jsonl: str | os.PathLike, image_root: str | os.PathLike, output: str, *,
@@ -124,13 +149,16 @@ def convert_jsonl(jsonl: str | os.PathLike, image_root: str | os.PathLike, outpu
                   max_samples_per_shard: int = 1000, max_bytes_per_shard: int = 1 << 30, workers: int = 0,
                   manifest: str | None = None, rejects: str | None = None, limit: int | None = None,
                   overwrite: bool = False, max_text_chars: int | None = MAX_TEXT_CHARS,
-                  max_sequence_chars: int | None = MAX_SEQUENCE_CHARS) -> ConvertSummary:
-    """JSONL records ``{key, image, turns, caption?, negatives?}`` -> shards; rejects name the line."""
+                  max_sequence_chars: int | None = MAX_SEQUENCE_CHARS, part: tuple[int, int] | None = None,
+                  progress: Progress | None = None, early_abort: int = EARLY_ABORT_RECORDS) -> ConvertSummary:
+    """JSONL records ``{key, image, turns, caption?, negatives?}`` -> shards; rejects name the line. ``part``,
+    ``progress``, ``early_abort`` and resuming: see :func:`muco.convert.pipeline.run_conversion`."""
     opts = _options(image_root, turns, max_side, jpeg_quality, max_text_chars, max_sequence_chars)
-    return run_conversion(prepare_line, jsonl_items(str(jsonl), limit), output, opts,
+    return run_conversion(prepare_line, JsonlSource(str(jsonl), limit), output, opts,
                           max_samples_per_shard=max_samples_per_shard, max_bytes_per_shard=max_bytes_per_shard,
                           workers=workers, manifest=manifest, rejects=rejects, overwrite=overwrite,
-                          source=str(jsonl), manifest_extra={"turns": opts.turns}, unit="line")
+                          source=str(jsonl), manifest_extra={"turns": opts.turns}, unit="line", part=part,
+                          progress=progress, early_abort=early_abort)
 
 
 __all__ = ["PARQUET_COLUMNS", "M3TOptions", "check_m3t_lengths", "convert_jsonl", "convert_parquet",

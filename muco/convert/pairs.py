@@ -31,8 +31,17 @@ from typing import Any
 
 from muco.convert.images import ImageError, load_image
 from muco.convert.limits import check_sequence_length, check_text_length
-from muco.convert.pipeline import ConvertOptions, ConvertSummary, Prepared, prepared, rejected, run_conversion
-from muco.convert.sources import LineError, jsonl_items, parquet_items, parse_line
+from muco.convert.pipeline import (
+    EARLY_ABORT_RECORDS,
+    ConvertOptions,
+    ConvertSummary,
+    Prepared,
+    Progress,
+    prepared,
+    rejected,
+    run_conversion,
+)
+from muco.convert.sources import JsonlSource, LineError, ParquetSource, Source, parse_line
 from muco.data.pairs.records import PairRecord, Side, strip_markers
 from muco.data.records import MAX_SEQUENCE_CHARS, MAX_TEXT_CHARS, RecordError
 
@@ -190,33 +199,37 @@ def convert_pairs(inputs: str | os.PathLike | list, image_root: str | os.PathLik
                   workers: int = 0, manifest: str | None = None, rejects: str | None = None,
                   key_prefix: str | None = None, batch_rows: int = 1024, limit: int | None = None,
                   overwrite: bool = False, max_text_chars: int | None = MAX_TEXT_CHARS,
-                  max_sequence_chars: int | None = MAX_SEQUENCE_CHARS) -> ConvertSummary:
+                  max_sequence_chars: int | None = MAX_SEQUENCE_CHARS, part: tuple[int, int] | None = None,
+                  progress: Progress | None = None, early_abort: int = EARLY_ABORT_RECORDS) -> ConvertSummary:
     """MMEB-train parquet(s), or one JSONL (MMEB-train rows or pair records), -> pair shards + manifest.
 
     Parquet keys are ``<dir>_<file stem>_<row:09d>`` (MMEB-train keeps one directory per subset); JSONL keys
     are the line's ``key``, else ``<file stem>_<line:09d>``; ``key_prefix`` replaces the prefix. Length limits
-    (0 or None: none): see ``check_pair_lengths``."""
+    (0 or None: none): see ``check_pair_lengths``. ``part``, ``progress``, ``early_abort`` and resuming: see
+    :func:`muco.convert.pipeline.run_conversion`."""
     paths = [str(p) for p in (inputs if isinstance(inputs, list) else [inputs])]
     if fmt == "auto":
         fmt = "jsonl" if paths[0].endswith((".jsonl", ".json")) else "parquet"
     opts = PairConvertOptions(str(image_root), max_side=max_side, jpeg_quality=jpeg_quality,
                               max_text_chars=max_text_chars or None, max_sequence_chars=max_sequence_chars or None,
                               max_negatives=max_negatives)
+    items: Source
     if fmt == "parquet":
-        items = parquet_items(paths, MMEB_COLUMNS, optional=tuple(c for c in MMEB_COLUMNS if c not in MMEB_REQUIRED),
+        items = ParquetSource(paths, MMEB_COLUMNS, optional=tuple(c for c in MMEB_COLUMNS if c not in MMEB_REQUIRED),
                               key_prefix=key_prefix, batch_rows=batch_rows, limit=limit, stem_parts=2)
     elif fmt == "jsonl":
         if len(paths) != 1:
             raise ValueError("give exactly one JSONL input")
         prefix = key_prefix if key_prefix is not None else _stem_prefix(paths[0])
-        items = ((i, line, f"{prefix}{i:09d}") for i, line, _ in jsonl_items(paths[0], limit))
+        items = JsonlSource(paths[0], limit, key_prefix=prefix)
     else:
         raise ValueError(f"unknown format {fmt!r}; use parquet or jsonl")
     return run_conversion(prepare_pair, items, output, opts, max_samples_per_shard=max_samples_per_shard,
                           max_bytes_per_shard=max_bytes_per_shard, workers=workers, manifest=manifest,
                           rejects=rejects, overwrite=overwrite, source=",".join(paths),
                           manifest_extra={"kind": "pairs", "max_negatives": max_negatives},
-                          unit="line" if fmt == "jsonl" else "row")
+                          unit="line" if fmt == "jsonl" else "row", part=part, progress=progress,
+                          early_abort=early_abort)
 
 
 __all__ = ["MMEB_COLUMNS", "MMEB_REQUIRED", "PairConvertOptions", "check_pair_lengths", "convert_pairs",

@@ -27,7 +27,7 @@ from muco.eval.errors import EvalDataError, image_error
 from muco.eval.metrics import gold_rank, ranking_metrics
 from muco.eval.tasks import Task
 from muco.eval.text import candidates, query_text, to_user_text
-from muco.inputs.image_policy import to_rgb
+from muco.inputs.rgb import to_rgb
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from muco.eval.harness import TaskScores
-from muco.inputs.image_policy import to_rgb
+from muco.inputs.rgb import to_rgb
 
 HIT, MISS, PAPER, INK = (40, 170, 70), (210, 50, 50), (245, 245, 240), (30, 30, 30)
 

@@ -20,43 +20,14 @@ import torch
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
+from muco.inputs.rgb import to_rgb
+
 MIN_SIDE = 28  # patch 14 x merge 2: the smallest side the processor accepts
 PATCH, MERGE = 14, 2
 FACTOR = PATCH * MERGE
 PATCH_DIM = 3 * PATCH * PATCH  # one uint8 patch: (channel, row, col), no temporal copy
 MAX_ASPECT = 200  # smart_resize refuses more extreme aspect ratios
 _FINAL = "muco_final_size"  # PIL ``info`` key: (policy fields, size) of an image ``prepare`` produced
-
-HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any image Pillow decodes as 8-bit RGB with its real contrast.
-
-    ``Image.convert("RGB")`` clips 16- and 32-bit grey values at 255 (a 16-bit scan comes out nearly white)
-    and drops alpha (what is under transparent pixels is often black). High-bit images are rescaled from
-    their type's range (16-bit: /257; 32-bit integer and float: from their own minimum..maximum), and images
-    with transparency are composited on white. Palette and CMYK images go through Pillow's own conversion.
-    """
-    if image.mode == "RGB":
-        image.load()  # decoded now: callers may close the file right after
-        return image
-    if image.mode in HIGH_BIT_MODES:
-        arr = np.asarray(image, dtype=np.float64)
-        if image.mode.startswith("I;16"):
-            arr = arr / 257.0
-        else:
-            lo, hi = float(arr.min()), float(arr.max())
-            arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L").convert("RGB")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
-
 
 PRESETS: dict[str, dict] = {
     # short side 640 (LANCZOS), then clamped to <= 1,003,520 px

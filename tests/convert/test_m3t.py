@@ -32,7 +32,7 @@ def test_convert_released_parquet(released, tmp_path, jpegs):
     assert (s.written, s.rejected) == (6, 6)
     assert s.reasons == {"missing_image": 1, "turn_count": 1, "empty": 1, "reserved": 1, "bad_image": 2}
     assert sorted(p.name for p in out.iterdir()) == [
-        "manifest.json", "rejects.jsonl", "train-000000.tar", "train-000001.tar"]
+        "manifest.json", "rejects.jsonl", "train-000000.tar", "train-000001.tar", "train-progress.jsonl"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["num_samples"] == 6 and manifest["turns"] == 7
     assert [(x["name"], x["num_samples"]) for x in manifest["shards"]] == [

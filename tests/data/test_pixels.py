@@ -156,7 +156,7 @@ def test_embeddings_equal_through_both_paths(tiny_tok, photos, big_photos, dtype
 def test_every_image_mode_keeps_its_contrast():
     """16-bit and 32-bit grey, float, palette with transparency, alpha and CMYK: converted to RGB with their real
     contrast (`convert("RGB")` clips 16-bit scans to nearly white and drops alpha)."""
-    from muco.inputs.image_policy import to_rgb
+    from muco.inputs.rgb import to_rgb
 
     ramp = np.linspace(0, 1, 64 * 64).reshape(64, 64)
     png16 = io.BytesIO()
