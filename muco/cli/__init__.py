@@ -16,7 +16,8 @@ from muco import __version__
 # tool subcommands: name -> (module with `main(argv) -> int`, one-line help)
 TOOLS: dict[str, tuple[str, str]] = {
     "data": ("muco.cli.data", "`muco data convert | merge-manifests | download`: records -> webdataset shards"),
-    "eval": ("muco.cli.eval", "run MMEB-format evaluation on a checkpoint or an exported model"),
+    "eval": ("muco.cli.eval", "evaluate a checkpoint or an exported model: MMEB-format tasks, or M-BEIR "
+                         "(--benchmark mbeir); --devices N splits the work over N processes"),
     "export": ("muco.cli.export", "merge the adapter and write a Hugging Face-format directory"),
     "mine": ("muco.cli.mine", "mine hard negatives for every query turn of a shard set (a sidecar for training)"),
     "rounds": ("muco.cli.rounds", "train in rounds: fit -> eval -> mine negatives with that model -> next round"),

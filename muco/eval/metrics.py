@@ -17,11 +17,15 @@ PRIMARY = "precision@1"  # MMEB's metric (= hit@1 with one gold)
 
 
 def _collection() -> MetricCollection:
+    # sync_on_compute=False: every process holds all queries (multi-device eval gathers the embeddings, and
+    # validation in fit runs the same tasks on every rank); torchmetrics' default would gather them again and
+    # merge each query with its copies from the other ranks
+    local = {"sync_on_compute": False}
     return MetricCollection({
-        "precision@1": RetrievalPrecision(top_k=1),
-        "hit@5": RetrievalHitRate(top_k=5),
-        "mrr": RetrievalMRR(),
-        "ndcg@10": RetrievalNormalizedDCG(top_k=10),
+        "precision@1": RetrievalPrecision(top_k=1, **local),
+        "hit@5": RetrievalHitRate(top_k=5, **local),
+        "mrr": RetrievalMRR(**local),
+        "ndcg@10": RetrievalNormalizedDCG(top_k=10, **local),
     })
 
 

@@ -228,4 +228,27 @@ def test_each_result_is_printed_once(setup, tmp_path):
     assert message in (tmp_path / "out" / "results.txt").read_text()  # the file keeps it under its table
 
     code, lines = console("--verbose", "--overwrite")
-    assert code == 1 and len(naming(lines, "Toy")) == 2, "\n".join(lines)  # the record as it finished, the row
+    # the record as it finished, the table's row, and the timing table's row
+    assert code == 1 and len(naming(lines, "Toy")) == 3, "\n".join(lines)
+    assert (tmp_path / "out" / "timing.txt").read_text().splitlines()[2].split()[:4] == ["Toy", "3", "4", "4"]
+
+
+def test_two_processes_give_the_one_process_results(setup, tmp_path):
+    """`--devices 2` (two gloo processes, each encoding every other batch) writes what one process writes: the
+    same metrics, gold ranks and top-1 predictions, bit for bit; the timing table follows the results."""
+    from tests.train.conftest import REPO, run_muco
+
+    model, tasks, _ = setup
+    outs = {}
+    for name, extra in (("one", ()), ("two", ("--devices", "2"))):
+        outs[name] = tmp_path / name
+        res = run_muco("eval", *args(model, tasks, outs[name], "--only", "Toy,Ret", *extra), cwd=REPO)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert ("items/s, 2 processes" in res.stderr) == (name == "two"), res.stderr[-3000:]
+        assert "total" in (outs[name] / "timing.txt").read_text()
+    for task in ("Toy", "Ret"):
+        one, two = (json.loads((outs[n] / f"{task}.json").read_text()) for n in ("one", "two"))
+        assert two["metrics"] == one["metrics"] and two["num_candidates"] == one["num_candidates"]
+        assert (outs["two"] / f"{task}.pred.jsonl").read_text() == (outs["one"] / f"{task}.pred.jsonl").read_text()
+    summaries = [json.loads((outs[n] / "summary.json").read_text()) for n in ("one", "two")]
+    assert summaries[0]["overall"] == summaries[1]["overall"]
