@@ -7,8 +7,10 @@
 Writes the sidecar directory of :mod:`muco.data.m3t.sidecar` (one line per sample and stored turn, negatives with
 rank and similarity) and prints the summary. A directory already holding a complete sidecar with the same
 model, shards and settings is left alone (``--overwrite`` mines again). ``--devices N`` runs N processes
-(DDP, gloo on CPU): each embeds its share of the samples and of the unique targets, and searches for its own
-query turns; rank 0 writes the sidecar. The result equals the single-process one.
+(DDP, gloo on CPU): each embeds its share of the samples and of the unique targets and keeps only its share of
+the target embeddings; its query turns visit every process's share in a ring (:mod:`muco.mine.ring`); rank 0
+writes the sidecar. The result equals the single-process one, line for line. On CUDA the candidate search
+multiplies in bf16 and the kept candidates are re-scored exactly in fp32 (:mod:`muco.mine.search`).
 
 The pipeline itself is :mod:`muco.mine.pipeline`; this module turns the command line into its call.
 """

@@ -1,9 +1,12 @@
-"""Gathers for mining: rows of different counts per rank, and small Python objects.
+"""Collectives for mining: gathers of rows of different counts per rank, integer reductions, and the device a
+backend's tensors live on.
 
 All are the identity in a single process (torch.distributed not initialised).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -18,14 +21,16 @@ def world() -> tuple[int, int]:
     return (dist.get_rank() if n > 1 else 0), n
 
 
-def _backend_device() -> torch.device:
-    if dist.get_backend() == "nccl":
+def backend_device() -> torch.device:
+    """Where the collectives' tensors must live: the current GPU for NCCL, else the CPU."""
+    if dist_world_size() > 1 and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def gather_rows(x: Tensor) -> list[Tensor]:
-    """Every rank's ``x`` (same trailing shape and dtype, any row count), in rank order, on the CPU.
+def gather_rows(x: Tensor, dst: int | None = None) -> list[Tensor]:
+    """Every rank's ``x`` (same trailing shape and dtype, any row count), in rank order, on the CPU: on every
+    rank, or with ``dst`` on that rank only (the others get ``[]``: they need not hold everyone's rows).
 
     Rows are padded to the largest count for the collective and trimmed afterwards.
     """
@@ -34,11 +39,28 @@ def gather_rows(x: Tensor) -> list[Tensor]:
     counts = gather_row_counts(x.shape[0])
     pad = max(counts)
     if pad == 0:
-        return [x[:0].cpu() for _ in counts]
-    buf = torch.zeros((pad, *x.shape[1:]), dtype=x.dtype, device=_backend_device())
+        return [x[:0].cpu() for _ in counts] if dst is None or dist.get_rank() == dst else []
+    buf = torch.zeros((pad, *x.shape[1:]), dtype=x.dtype, device=backend_device())
     buf[: x.shape[0]] = x.to(buf.device)
-    out = all_gather_no_grad(buf).cpu()
-    return [out[r * pad : r * pad + n] for r, n in enumerate(counts)]
+    if dst is None:
+        out = all_gather_no_grad(buf).cpu()
+        return [out[r * pad : r * pad + n] for r, n in enumerate(counts)]
+    if dist.get_rank() != dst:
+        dist.gather(buf, None, dst=dst)
+        return []
+    parts = [torch.empty_like(buf) for _ in counts]
+    dist.gather(buf, parts, dst=dst)
+    return [p[:n].cpu() for p, n in zip(parts, counts)]
+
+
+def all_reduce_ints(values: Sequence[int], op: str = "sum") -> list[int]:
+    """Element-wise ``sum`` or ``max`` of every rank's ``values`` (same length everywhere); a plain
+    collective, so it needs none of the functional-collectives machinery."""
+    if dist_world_size() == 1:
+        return [int(v) for v in values]
+    t = torch.tensor([int(v) for v in values], dtype=torch.long, device=backend_device())
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return [int(v) for v in t.tolist()]
 
 
 def barrier() -> None:

@@ -14,8 +14,16 @@ as stored). ``BASE(t) == PRETRAIN([t])``, so this is exactly a target's embeddin
 training target sequence.
 
 Shards are read with the training stream's tar reader: in the order given, every rank reading every shard and
-decoding only its strided share (sample ``i`` of shard ``s`` belongs to rank ``(s + i) % world``). Bad samples
-are skipped with the stream's counted, rate-limited warning naming the shard and the key.
+decoding only its share. Bad samples are skipped with the stream's counted, rate-limited warning naming the shard
+and the key.
+
+**Batches do not depend on the process count.** A model's output for a row changes in its last bits with the
+other rows of its batch (padding, kernel shapes), so batches are fixed first and shared out whole: query batch
+``j`` of shard ``s`` is positions ``[j * batch_size, (j + 1) * batch_size)`` of that shard (bad samples leave
+it short) and belongs to rank ``(s + j) % world``; target batches are runs of ``batch_size`` texts in
+:func:`embed_texts`' order (longest first) over all texts, batch ``b`` to rank ``b % world``
+(:func:`text_share`). So every embedding, and the sidecar, is the same bit for bit for any number of processes
+or DataLoader workers.
 """
 
 from __future__ import annotations
@@ -50,7 +58,9 @@ def canonical_turns(record: M3TRecord) -> tuple[list[str], list[str]]:
 
 
 class MineStream(IterableDataset):
-    """One pass over the shards in a fixed order, yielding collated batches of this rank's share of samples.
+    """One pass over the shards in a fixed order, yielding collated batches of this rank's share of samples:
+    batch ``j`` of shard ``s`` (positions ``[j * batch_size, (j + 1) * batch_size)``, bad samples left out) when
+    ``(s + j) % world == rank``; a batch never spans two shards.
 
     Each batch is the training collator's output (``query``, ``num_turns``, ``keys``) plus ``order`` [b, 2]
     (shard index, position in the shard) and ``targets`` (stored-order target texts per sample). The last item
@@ -85,10 +95,13 @@ class MineStream(IterableDataset):
         w, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         wid = self._wid = f"mine-r{self.mine_rank}w{w}"
         urls = self.urls
-        buf: list[tuple[PretrainSample, int, int]] = []
         for s in range(w, len(urls), nw):
+            buf: list[tuple[PretrainSample, int, int]] = []
             for pos, raw in enumerate(self._read_tar(urls[s], wid)):
-                if (s + pos) % self.mine_world != self.mine_rank:
+                if pos % self.batch_size == 0 and buf:  # batch (s, pos // batch_size - 1) is complete
+                    yield from self._mine_batch(buf, wid)
+                    buf = []
+                if (s + pos // self.batch_size) % self.mine_world != self.mine_rank:
                     continue
                 try:
                     sample = self.decode(raw)
@@ -97,11 +110,8 @@ class MineStream(IterableDataset):
                     continue
                 self._failures = 0
                 buf.append((sample, s, pos))
-                if len(buf) == self.batch_size:
-                    yield from self._mine_batch(buf, wid)
-                    buf = []
-        if buf:
-            yield from self._mine_batch(buf, wid)
+            if buf:
+                yield from self._mine_batch(buf, wid)
         self._skip_log.close(wid, self.skipped)
         yield {"final": True, "stats": {"skipped": self.skipped, "samples": self.samples, "worker": wid}}
 
@@ -190,11 +200,30 @@ def embed_queries(encoder: MuCoEncoder, stream: MineStream, num_workers: int = 0
     return QueryEmbeddings(torch.cat(embs), torch.cat(orders), keys, targets, torch.cat(turns), skipped)
 
 
+def text_order(texts: Sequence[str]) -> Tensor:
+    """The order :func:`embed_texts` embeds ``texts`` in: longest first (characters), equal lengths in list
+    order (similar lengths per batch: little padding)."""
+    lengths = torch.tensor([len(t) for t in texts], dtype=torch.long)
+    return torch.sort(-lengths, stable=True).indices
+
+
+def text_share(texts: Sequence[str], batch_size: int, rank: int = 0, world: int = 1) -> Tensor:
+    """The rows of ``texts`` (ascending) that ``rank`` embeds: batch ``b`` of :func:`text_order`, runs of
+    ``batch_size``, belongs to rank ``b % world``. :func:`embed_texts` of these rows with the same
+    ``batch_size`` forms exactly those batches, so a text's embedding does not depend on ``world``."""
+    if not 0 <= rank < world or batch_size < 1:
+        raise ValueError(f"need 0 <= rank < world and batch_size >= 1, got {rank}, {world}, {batch_size}")
+    order = text_order(texts)
+    batch = torch.arange(len(order)) // batch_size
+    return order[batch % world == rank].sort().values
+
+
 def embed_texts(encoder: MuCoEncoder, texts: Sequence[str], batch_size: int = 32,
                 progress: bool = True) -> Tensor:
-    """``BASE(t)`` embeddings [n, d] of target texts ``t`` as stored (fp32, normalised, CPU)."""
+    """``BASE(t)`` embeddings [n, d] of target texts ``t`` as stored (fp32, normalised, CPU), in batches of
+    ``batch_size`` in :func:`text_order`."""
     out = torch.empty(len(texts), encoder.dim)
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)  # similar lengths per batch
+    order = text_order(texts).tolist()
     block = batch_size * 16
     with tqdm(total=len(texts), desc="mine: targets", unit="text", disable=not progress,
               dynamic_ncols=True) as bar:

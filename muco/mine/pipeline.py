@@ -2,9 +2,10 @@
 texts, keep the filtered nearest ones per turn and write the sidecar of :mod:`muco.data.m3t.sidecar`.
 
 ``mine(MineConfig(...))`` runs it (in ``devices`` processes: DDP, gloo on CPU; each embeds its share of the
-samples and of the unique targets and searches for its own query turns; rank 0 writes the sidecar, equal to
-the single-process one). :func:`settings` is what makes a finished sidecar reusable and :func:`is_complete`
-whether a directory already holds one made with them. ``muco mine`` (:mod:`muco.cli.mine`) is the command.
+samples and keeps its share of the unique targets' embeddings; its query turns visit every rank's share in a
+ring (:mod:`muco.mine.ring`); rank 0 writes the sidecar, equal to the single-process one). :func:`settings` is
+what makes a finished sidecar reusable and :func:`is_complete` whether a directory already holds one made with
+them. ``muco mine`` (:mod:`muco.cli.mine`) is the command.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from typing import Any
 import torch
 
 from muco.data.m3t.sidecar import MANIFEST, SidecarError, read_sidecar_manifest, write_sidecar
+from muco.data.shards import is_remote
 from muco.distributed import gather_objects
 from muco.inputs.image_policy import PRESETS
 from muco.mine.dist import barrier, gather_rows, world
+from muco.mine.search import Shard
 from muco.mine.select import REASONS, SelectConfig, mine_negatives, normalized_ids
 from muco.mine.summary import summarize
 from muco.train.checkpoint import datamodule_hparams, load_encoder
@@ -135,7 +138,8 @@ def settings(cfg: MineConfig) -> dict:
     """What makes a finished sidecar reusable (batch sizes, chunks and process counts do not change it)."""
     model = Path(cfg.model).resolve()
     return {"model": str(model), "model_fingerprint": model_fingerprint(model),
-            "shards": [os.path.abspath(u) for u in cfg.shards], "top_k": cfg.top_k, "margin": cfg.margin,
+            "shards": [u if is_remote(u) else os.path.abspath(u) for u in cfg.shards],  # URLs stay URLs
+            "top_k": cfg.top_k, "margin": cfg.margin,
             "max_ratio": cfg.max_ratio, "extra": cfg.extra, "image_policy": cfg.image_policy or "model",
             "autocast": cfg.autocast, "query_turns": "stored order, first candidate query",
             "turns_per_sequence": cfg.turns_per_sequence or "all"}
@@ -176,7 +180,7 @@ def mine(cfg: MineConfig, device: str | torch.device | None = None, devices: int
 def run(cfg: MineConfig, device: torch.device) -> dict | None:
     """One rank's work (torch.distributed already set up when more than one); the summary on rank 0."""
     from muco.data.m3t.collate import PretrainCollator
-    from muco.mine.embed import MineStream, embed_queries, embed_texts
+    from muco.mine.embed import MineStream, embed_queries, embed_texts, text_share
 
     wanted = settings(cfg)
     rank, size = world()
@@ -193,12 +197,13 @@ def run(cfg: MineConfig, device: torch.device) -> dict | None:
     total = None if cfg.num_samples is None else -(-cfg.num_samples // size)
     q = embed_queries(encoder, stream, cfg.num_workers, total, show)
 
-    # the corpus: every unique target text, sorted (the same order for any process count); a strided share each
+    # the corpus: every unique target text, sorted (the same order for any process count); each rank embeds and
+    # keeps only its share (whole batches, the same for any process count), the query blocks visit every share
     texts = sorted(set().union(*gather_objects({t for ts in q.targets for t in ts})))
-    mine_part = embed_texts(encoder, texts[rank::size], cfg.batch_size, show)
-    corpus = torch.empty(len(texts), encoder.dim)
-    for r, part in enumerate(gather_rows(mine_part)):
-        corpus[r::size] = part
+    rows = text_share(texts, cfg.batch_size, rank, size)
+    shard = Shard.prepare(embed_texts(encoder, [texts[i] for i in rows.tolist()], cfg.batch_size, show), rows,
+                          device)
+    del rows
     index = {t: i for i, t in enumerate(texts)}
     max_turns = max(gather_objects(max((len(t) for t in q.targets), default=0)))
     pos_idx = torch.tensor([index[t] for ts in q.targets for t in ts], dtype=torch.long)
@@ -207,16 +212,15 @@ def run(cfg: MineConfig, device: torch.device) -> dict | None:
     for ts in q.targets:
         same_idx[row : row + len(ts), : len(ts)] = torch.tensor([index[t] for t in ts])
         row += len(ts)
-    if device.type == "cuda" and corpus.numel() * 4 < 0.5 * torch.cuda.mem_get_info(device)[0]:
-        corpus = corpus.to(device)  # fits: no per-chunk copies
     select = SelectConfig(cfg.top_k, cfg.margin, cfg.max_ratio, cfg.extra)
-    pos_sim, sel = mine_negatives(q.emb, corpus, pos_idx, same_idx, normalized_ids(texts), select,
+    pos_sim, sel = mine_negatives(q.emb, shard, pos_idx, same_idx, normalized_ids(texts), select,
                                   cfg.query_chunk, cfg.corpus_chunk, device)
+    del shard
 
     # to rank 0: per turn (shard, position, turn) + results; per sample the key
     turns = torch.cat([torch.arange(n) for n in q.num_turns.tolist()]) if len(q.keys) else torch.empty(0).long()
     turn_meta = torch.cat([q.order.repeat_interleave(q.num_turns, dim=0), turns[:, None]], 1)
-    gathered = [torch.cat(gather_rows(x)) for x in (turn_meta, pos_sim, sel.indices, sel.sims)]
+    gathered = [torch.cat(gather_rows(x, dst=0) or [x[:0]]) for x in (turn_meta, pos_sim, sel.indices, sel.sims)]
     keys = [k for part in gather_objects(list(zip(q.order.tolist(), q.keys))) for k in part]
     filtered = gather_objects(sel.filtered)
     skipped = sum(gather_objects(q.skipped))

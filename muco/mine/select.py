@@ -23,7 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from muco.mine.search import chunked_topk
+from muco.mine.dist import world
+from muco.mine.ring import ring_search
+from muco.mine.search import Shard
 
 REASONS = ("positive", "same_sample", "near_duplicate", "false_negative")
 
@@ -90,7 +92,8 @@ def select_negatives(
 ) -> Selection:
     """Filter each query's candidates (best first) and keep up to ``cfg.top_k``.
 
-    ``cand_idx``/``cand_sim`` [nq, k'] from the search; ``pos_idx``/``pos_sim`` [nq] the positive's corpus row
+    ``cand_idx``/``cand_sim`` [nq, k'] from the search, best first (its tie rule: equal similarities, lower
+    corpus row first); ``pos_idx``/``pos_sim`` [nq] the positive's corpus row
     and similarity; ``same_idx`` [nq, T] the corpus rows of the query's sample's targets (-1 padded);
     ``norm_id`` [nc] the :func:`normalized_ids` of the corpus.
     """
@@ -124,24 +127,28 @@ def select_negatives(
 
 
 def mine_negatives(
-    queries: Tensor, corpus: Tensor, pos_idx: Tensor, same_idx: Tensor, norm_id: Tensor, cfg: SelectConfig,
+    queries: Tensor, corpus: Tensor | Shard, pos_idx: Tensor, same_idx: Tensor, norm_id: Tensor, cfg: SelectConfig,
     query_chunk: int = 1024, corpus_chunk: int = 16384, device: str | torch.device | None = None,
 ) -> tuple[Tensor, Selection]:
-    """Search and select for every query turn, one query chunk at a time (bounded memory).
+    """Search and select for every query turn, one block of ``query_chunk`` turns at a time (bounded memory).
 
-    Returns ``(pos_sim [nq], selection)``; ``same_idx`` [nq, T] fixes the turns per sample used for the
-    search depth (:meth:`SelectConfig.search_k`).
+    ``corpus``: the whole corpus [nc, d] in one process; in a process group this rank's :class:`Shard` (every
+    rank must call this: the query blocks travel a ring, :func:`~muco.mine.ring.ring_search`). ``pos_idx``,
+    ``same_idx`` and ``norm_id`` use global corpus rows. Returns ``(pos_sim [nq], selection)``; ``same_idx``
+    [nq, T] fixes the turns per sample used for the search depth (:meth:`SelectConfig.search_k`).
     """
+    if not isinstance(corpus, Shard) and world()[1] > 1:
+        raise ValueError("in a process group, mine_negatives needs this rank's Shard (its rows' global indices)")
+    shard = corpus if isinstance(corpus, Shard) else Shard(corpus)
     k = cfg.search_k(same_idx.shape[1])
     pos_sim = torch.empty(queries.shape[0], dtype=torch.float32)
     parts = []
-    for qs in range(0, queries.shape[0], query_chunk):
-        sl = slice(qs, qs + query_chunk)
-        q = queries[sl].to(device=device or queries.device, dtype=torch.float32)
-        pos = corpus[pos_idx[sl].to(corpus.device)].to(device=q.device, dtype=torch.float32)
-        pos_sim[sl] = (q * pos).sum(-1).cpu()
-        s, i = chunked_topk(q, corpus, k, query_chunk, corpus_chunk, q.device)
-        parts.append(select_negatives(i, s, pos_idx[sl], pos_sim[sl], same_idx[sl], norm_id, cfg))
+    for res in ring_search(queries, pos_idx, shard, k, query_chunk, corpus_chunk, device):
+        if res.rows.stop == res.rows.start:
+            continue
+        pos_sim[res.rows] = res.pos_sim
+        parts.append(select_negatives(res.indices, res.scores, pos_idx[res.rows], res.pos_sim, same_idx[res.rows],
+                                      norm_id, cfg))
     if not parts:
         empty = torch.empty(0, cfg.top_k)
         return pos_sim, Selection(empty.long(), empty, torch.empty(0, dtype=torch.long),
