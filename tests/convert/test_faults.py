@@ -184,6 +184,7 @@ def test_sigkill_then_rerun_resumes_to_the_same_bytes(tmp_path, root, rec_json, 
         proc.wait(10)
     assert sorted(p.name for p in out.glob("s-*")) == [
         "s-000000.tar", "s-000001.tar", "s-000002.tar.tmp", "s-progress.jsonl"]
+    finished = {n: (out / n).stat() for n in ("s-000000.tar", "s-000001.tar")}
     (root / "fifo.png").unlink()
     photos[1].save(root / "fifo.png")
     ref = tmp_path / "ref"
@@ -192,6 +193,9 @@ def test_sigkill_then_rerun_resumes_to_the_same_bytes(tmp_path, root, rec_json, 
                  "--max-samples-per-shard", "4"]) == 0
     text = capsys.readouterr().out
     assert "wrote 13 samples into 4 shards" in text and "(resumed after 2 verified shards)" in text
+    for name, before in finished.items():  # verified, not rewritten: the same file, untouched
+        after = (out / name).stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), name
     names = sorted(p.name for p in ref.iterdir())
     assert sorted(p.name for p in out.iterdir()) == names and "s-000003.tar" in names
     for name in names:
