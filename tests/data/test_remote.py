@@ -93,3 +93,22 @@ def test_the_record_kind_of_a_remote_source_is_checked_in_setup(tmp_path):
         dm = m3t_data(served.url("pairs-000000.tar"), batch_size=2, num_workers=0, samples_per_epoch=8, **TINY)
         with pytest.raises(ValueError, match="holds fine-tuning pairs .*PairRecords"):
             dm.setup("fit")
+
+
+def test_muco_fit_trains_on_shards_served_over_http(demo_data, tmp_path):
+    """The real command, its training and validation shards behind a loopback HTTP server."""
+    from tests.train.conftest import REPO, read_scalars, run_muco
+
+    with http_server(demo_data) as served:
+        res = run_muco("fit", "--config", str(REPO / "configs" / "tiny.yaml"),
+                       f"--data.init_args.train_shards={served.url('train/manifest.json')}",
+                       f"--data.init_args.val_shards={served.url('val/manifest.json')}",
+                       "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.log_every_n_steps=1",
+                       "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path / 'run'}",
+                       cwd=tmp_path)
+        fetched = dict(served.requests)
+    assert res.returncode == 0, res.stderr[-3000:]
+    scalars = read_scalars(tmp_path / "run")
+    assert len(scalars["train/loss"]) == 3 and "val/loss" in scalars
+    assert fetched["train/manifest.json"] >= 1 and any(p.startswith("train/train-") for p in fetched)
+    assert any(p.startswith("val/val-") for p in fetched)
