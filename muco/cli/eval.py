@@ -159,6 +159,23 @@ def _failure(spec: TaskSpec, exc: Exception) -> dict:
     return {**record, "data": None if spec.data is None else str(spec.data)}
 
 
+
+def _report_failures(failed: dict[str, dict], ran: int, scored: int, out: Path, missing_data: bool,
+                     verbose: bool) -> int:
+    """The exit status of a run; when tasks failed, their one-line messages and what to do, on stderr."""
+    if not failed:
+        return 0
+    lines = [f"muco eval: {len(failed)} of {ran} task(s) failed; {out / 'summary.json'} lists them under "
+             f"\"failed\", and its aggregate covers the {scored} scored task(s) only (partial):"]
+    lines += [f"  {f['message']}" for f in failed.values()]
+    if missing_data:
+        lines.append("  (tasks without data: set --root or the YAML's root:, or pass --skip-missing)")
+    if not verbose:
+        lines.append("  fix them and run the same command again: only the failed tasks run "
+                     "(--verbose or MUCO_DEBUG=1 logs each failure's traceback)")
+    print("\n".join(lines), file=sys.stderr)
+    return 1
+
 def _launch(args: argparse.Namespace) -> None:
     """With ``--devices N > 1``, start the other N - 1 processes (Lightning Fabric re-runs this command for each;
     under torchrun / srun it joins the processes already started) and point ``args.device`` at this one's."""
@@ -302,19 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"muco eval: encoded {q} queries and {enc} candidates in {sec:.1f} s ({(q + enc) / max(sec, 1e-9):.1f}"
               f" items/s, {world} process{'es' if world > 1 else ''}); per task: {out / 'timing.txt'}",
               file=sys.stderr)
-    if not failed:
-        return 0
-    ran = len(specs) - len(skipped)
-    lines = [f"muco eval: {len(failed)} of {ran} task(s) failed; {out / 'summary.json'} lists them under "
-             f"\"failed\", and its aggregate covers the {len(results)} scored task(s) only (partial):"]
-    lines += [f"  {f['message']}" for f in failed.values()]
-    if any(s.name in failed for s in no_data):
-        lines.append("  (tasks without data: set --root or the YAML's root:, or pass --skip-missing)")
-    if not verbose:
-        lines.append("  fix them and run the same command again: only the failed tasks run "
-                     "(--verbose or MUCO_DEBUG=1 logs each failure's traceback)")
-    print("\n".join(lines), file=sys.stderr)
-    return 1
+    return _report_failures(failed, len(specs) - len(skipped), len(results), out,
+                            any(s.name in failed for s in no_data), verbose)
 
 
 
@@ -439,18 +445,8 @@ def _main_mbeir(args: argparse.Namespace, verbose: bool) -> int:
     _write_text(out / "results.txt", table + "\n")
     notes = {f"FAILED {k}: {v['message']}" for k, v in failed.items()}
     print("\n".join(line for line in table.split("\n") if line not in notes))
-    if not failed:
-        return 0
-    lines = [f"muco eval: {len(failed)} of {len(specs) - len(skipped)} task(s) failed; {out / 'summary.json'} "
-             f"lists them under \"failed\", and its aggregate covers the {len(results)} scored task(s) only:"]
-    lines += [f"  {f['message']}" for f in failed.values()]
-    if any(s.name in failed for s in no_data):
-        lines.append("  (tasks without data: set --root or the YAML's root:, or pass --skip-missing)")
-    if not verbose:
-        lines.append("  fix them and run the same command again: only the failed tasks run "
-                     "(--verbose or MUCO_DEBUG=1 logs each failure's traceback)")
-    print("\n".join(lines), file=sys.stderr)
-    return 1
+    return _report_failures(failed, len(specs) - len(skipped), len(results), out,
+                            any(s.name in failed for s in no_data), verbose)
 
 
 def _run_mbeir(args: argparse.Namespace, config: MBeirConfig, todo: list[MBeirTaskSpec], pools: tuple[str, ...],
