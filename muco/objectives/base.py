@@ -4,6 +4,14 @@ The LightningModule (:class:`muco.train.module.MuCoModule`) owns the model, τ, 
 logging; an objective owns how a batch of its record kind is embedded (which sequences, how many ``<|emb|>``
 turns) and which loss (with its hard negatives) those embeddings enter. One module class serves every stage:
 pretraining is ``PretrainObjective``, fine-tuning ``FinetuneObjective``.
+
+An objective answers in two halves so that a step can also run chunked (GradCache, :mod:`muco.train.grad_cache`):
+
+- :meth:`Objective.sequences`: the named sets of sequences the batch embeds, in forward order;
+- :meth:`Objective.compute_loss`: the loss from their pooled embeddings. It must treat every embedding row
+  alike whatever produced it (no per-forward state), so embeddings computed chunk by chunk give the same loss.
+
+:meth:`Objective.step` is the plain composition: every set embedded in one forward, then the loss.
 """
 
 from __future__ import annotations
@@ -53,11 +61,37 @@ def sequence_counts(sequences: list[dict[str, torch.Tensor]]) -> tuple[int, int]
     return int(tokens), sum(int(s["attention_mask"].numel()) for s in sequences)
 
 
+@dataclass
+class Sequences:
+    """One set of sequences a batch embeds: padded model inputs (one row per sequence), the ``<|emb|>`` count
+    of each row (an int for all rows, or a tensor [rows]) and each row's sample key (for error messages)."""
+
+    inputs: dict[str, torch.Tensor]
+    expected: int | torch.Tensor
+    keys: list[str]
+
+
+def embed_all(embed: EmbedFn, sequences: Mapping[str, Sequences]) -> dict[str, PooledEmbeddings]:
+    """Every set embedded in one forward each, in the mapping's order."""
+    return {name: embed(s.inputs, s.expected, s.keys) for name, s in sequences.items()}
+
+
 class Objective(Component):
-    """Base class of objectives; subclasses implement :meth:`step`, :meth:`counts` and :meth:`init_args`."""
+    """Base class of objectives; subclasses implement :meth:`sequences`, :meth:`compute_loss`, :meth:`counts`
+    and :meth:`init_args`."""
+
+    def sequences(self, batch: dict[str, Any]) -> dict[str, Sequences]:
+        """The sets of sequences this batch embeds, by name, in forward order."""
+        raise NotImplementedError
+
+    def compute_loss(self, embeddings: Mapping[str, PooledEmbeddings], batch: dict[str, Any], tau: torch.Tensor,
+                     rank: int) -> StepOutput:
+        """The step's loss and metrics from the pooled embeddings of :meth:`sequences` (same names)."""
+        raise NotImplementedError
 
     def step(self, embed: EmbedFn, batch: dict[str, Any], tau: torch.Tensor, rank: int) -> StepOutput:
-        raise NotImplementedError
+        """One step: every sequence set embedded whole, then the loss."""
+        return self.compute_loss(embed_all(embed, self.sequences(batch)), batch, tau, rank)
 
     def counts(self, batch: dict[str, Any]) -> StepCounts:
         raise NotImplementedError

@@ -8,13 +8,14 @@ negatives from all ranks with gradient.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from muco.losses.finetune import blockwise_loss, joint_masked_loss
 from muco.model.pooling import PooledEmbeddings
-from muco.objectives.base import EmbedFn, Objective, StepCounts, StepOutput, sequence_counts
+from muco.objectives.base import Objective, Sequences, StepCounts, StepOutput, sequence_counts
 
 LOSSES = {"blockwise": blockwise_loss, "joint_masked": joint_masked_loss}
 
@@ -49,15 +50,22 @@ class FinetuneObjective(Objective):
         self.loss, self.hard_negatives = loss, hard_negatives
         self.released_placeholder, self.mask_same_text = released_placeholder, mask_same_text
 
-    def step(self, embed: EmbedFn, batch: dict[str, Any], tau: torch.Tensor, rank: int) -> StepOutput:
-        keys = batch["keys"]
-        b = len(keys)
-        q1, q2 = split_turns(embed(batch["query"], 2, keys), b)
-        p1, p2 = split_turns(embed(batch["target"], 2, keys), b)
-        kw: dict[str, Any] = {}
+    def sequences(self, batch: dict[str, Any]) -> dict[str, Sequences]:
+        keys = list(batch["keys"])
+        seqs = {"query": Sequences(batch["query"], 2, keys), "target": Sequences(batch["target"], 2, keys)}
         if self.hard_negatives:
             # always encoded, also when no local sample has one: the gather is a collective on every rank
-            kw["negatives"] = embed(batch["negative"], 1, keys).emb
+            seqs["negative"] = Sequences(batch["negative"], 1, keys)
+        return seqs
+
+    def compute_loss(self, embeddings: Mapping[str, PooledEmbeddings], batch: dict[str, Any], tau: torch.Tensor,
+                     rank: int) -> StepOutput:
+        b = len(batch["keys"])
+        q1, q2 = split_turns(embeddings["query"], b)
+        p1, p2 = split_turns(embeddings["target"], b)
+        kw: dict[str, Any] = {}
+        if self.hard_negatives:
+            kw["negatives"] = embeddings["negative"].emb
             if not self.released_placeholder:
                 kw["negative_valid"] = batch["negative_valid"]
             if self.mask_same_text:

@@ -3,13 +3,14 @@ K-turn negative sequences (docs/method.md §7, §9)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from muco.losses.pretrain import pretrain_loss
 from muco.model.pooling import PooledEmbeddings
-from muco.objectives.base import EmbedFn, Objective, StepCounts, StepOutput, sequence_counts
+from muco.objectives.base import Objective, Sequences, StepCounts, StepOutput, sequence_counts
 
 
 def own_turn_negative_sim(q: PooledEmbeddings, neg: PooledEmbeddings, num_turns: torch.Tensor,
@@ -43,19 +44,29 @@ class PretrainObjective(Objective):
     def __init__(self, symmetric_loss: bool = False, mask_same_text: bool = False) -> None:
         self.symmetric_loss, self.mask_same_text = symmetric_loss, mask_same_text
 
-    def step(self, embed: EmbedFn, batch: dict[str, Any], tau: torch.Tensor, rank: int) -> StepOutput:
+    def sequences(self, batch: dict[str, Any]) -> dict[str, Sequences]:
+        keys, num_turns = list(batch["keys"]), batch["num_turns"]
+        seqs = {"query": Sequences(batch["query"], num_turns, keys),
+                "target": Sequences(batch["target"], num_turns, keys)}
+        if "negative" in batch:
+            per_turn = batch["negative_num_turns"].numel() // max(1, len(keys))
+            seqs["negative"] = Sequences(batch["negative"], batch["negative_num_turns"],
+                                         [k for k in keys for _ in range(per_turn)])
+        return seqs
+
+    def compute_loss(self, embeddings: Mapping[str, PooledEmbeddings], batch: dict[str, Any], tau: torch.Tensor,
+                     rank: int) -> StepOutput:
         keys, num_turns = batch["keys"], batch["num_turns"]
-        q = embed(batch["query"], num_turns, keys)
-        t = embed(batch["target"], num_turns, keys)
+        q, t = embeddings["query"], embeddings["target"]
         # global image ids: ranks hold equal batch sizes (the DataModule drops partial batches)
         gid = rank * len(keys) + q.sample_id
         text_ids = batch.get("target_text_id") if self.mask_same_text else None
         kw: dict[str, Any] = {}
         neg_metrics: dict[str, torch.Tensor] = {}
-        if "negative" in batch:
+        if "negative" in embeddings:
             # every rank has B*per_turn*K negative rows (missing ones are masked placeholders): equal gathers
             per_turn = batch["negative_num_turns"].numel() // max(1, len(keys))
-            neg = embed(batch["negative"], batch["negative_num_turns"], [k for k in keys for _ in range(per_turn)])
+            neg = embeddings["negative"]
             valid = batch["negative_valid"]
             kw = dict(negatives=neg.emb, negative_valid=valid, negative_text_id=batch["negative_text_id"])
             text_ids = batch["target_text_id"]  # also masks a negative whose text equals a row's positive

@@ -22,6 +22,7 @@ from muco.model.embedder import Embedder
 from muco.model.sharding import fully_shard_backbone
 from muco.objectives.base import Objective, build_objective
 from muco.objectives.pretrain import PretrainObjective
+from muco.train.grad_cache import grad_cache_step
 from muco.train.init_from import check_compatible, load_continue, merged_backbone, read_checkpoint, resume_mismatches
 from muco.train.optim import OptimConfig, build_optimizer
 
@@ -89,6 +90,10 @@ class MuCoModule(LightningModule):
         merge_adapter_first: with ``init_from``, merge its adapter into the base and train a fresh adapter
             (``backbone.adapter``); default false: continue training its adapter (released code). See
             :mod:`muco.train.init_from`.
+        grad_cache_chunk: GradCache (:mod:`muco.train.grad_cache`): embed each training batch in chunks of this
+            many sequences per set, with the gradients of the whole batch's loss; activation memory then
+            follows the chunk instead of the batch, for one extra forward without graph. None: off (one
+            forward per set). Validation steps run unchunked (no graph is kept there).
     """
 
     def __init__(
@@ -108,6 +113,7 @@ class MuCoModule(LightningModule):
         eval_batch_size: int = 32,
         init_from: str | None = None,
         merge_adapter_first: bool = False,
+        grad_cache_chunk: int | None = None,
     ) -> None:
         hparams = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
@@ -150,6 +156,10 @@ class MuCoModule(LightningModule):
         if val_pictures < 0:
             raise ValueError(f"model.val_pictures must be >= 0 (0: no pictures), got {val_pictures}")
         self.val_pictures = val_pictures
+        if grad_cache_chunk is not None and grad_cache_chunk < 1:
+            raise ValueError(f"model.grad_cache_chunk must be >= 1 sequences per chunk (or null: off), "
+                             f"got {grad_cache_chunk}")
+        self.grad_cache_chunk = grad_cache_chunk
         self._sharded = False
 
     # ---------------------------------------------------------------- model
@@ -166,8 +176,16 @@ class MuCoModule(LightningModule):
         self._sharded = True
 
     def model_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
-        """One step of the objective, shared by training and validation."""
-        out = self.objective.step(self.embedder, batch, self.temperature(), self.global_rank)
+        """One step of the objective, shared by training and validation.
+
+        With GradCache a training step also runs its backward here (the loss it returns is detached).
+        """
+        if stage == "train" and self.grad_cache_chunk:
+            out = grad_cache_step(self.embedder, self.objective, batch, self.temperature(), self.global_rank,
+                                  self.grad_cache_chunk, loss_scale=self._trainer_loss_scale(),
+                                  sync_last=self._gradient_sync_switch())
+        else:
+            out = self.objective.step(self.embedder, batch, self.temperature(), self.global_rank)
         bs, sync = len(batch["keys"]), stage != "train"
         self.log(f"{stage}/loss", out.loss, prog_bar=True, batch_size=bs, sync_dist=sync)
         self.log_dict({f"{stage}/{k}": v for k, v in out.metrics.items()}, batch_size=bs, sync_dist=sync)
@@ -175,11 +193,45 @@ class MuCoModule(LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         self.temperature.set_step(self.global_step)
+        if self.grad_cache_chunk and batch_idx % self.trainer.accumulate_grad_batches == 0:
+            self.optimizers().zero_grad(set_to_none=True)  # Lightning's zero_grad would come after the backward
         loss = self.model_step(batch, "train")
+        if self.grad_cache_chunk:
+            # the gradients are in place; Lightning's backward of this exact zero over every trained weight
+            # is what runs the data-parallel reduction, once per step (DDP's hooks fire on it)
+            loss = loss + self._zero_over_weights()
         self.log("train/temperature", float(self.temperature()), batch_size=len(batch["keys"]))
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0], batch_size=len(batch["keys"]))
         self._log_data_stats(batch)
         return {"loss": loss, "counts": self.objective.counts(batch)}
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        if not self.grad_cache_chunk:  # GradCache zeroes before its backward, in training_step
+            super().optimizer_zero_grad(epoch, batch_idx, optimizer)
+
+    def _trainer_loss_scale(self) -> float:
+        """What Lightning applies to a returned loss before its backward: 1/accumulation and an AMP scale."""
+        scale = 1.0 / self.trainer.accumulate_grad_batches
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            scale *= float(scaler.get_scale())
+        return scale
+
+    def _gradient_sync_switch(self) -> Any:
+        """FSDP2: reduce-scatter in the last chunk's backward only; None when not sharded (DDP reduces on the
+        returned loss's backward)."""
+        if not self._sharded:
+            return None
+        return self.embedder.backbone.set_requires_gradient_sync  # fully_shard'ed: an FSDPModule
+
+    def _zero_over_weights(self) -> torch.Tensor:
+        """An exact 0 that depends on every trained weight (one element of each, local shard for DTensors)."""
+        zero = torch.zeros((), device=self.device)
+        for p in self.parameters():
+            if p.requires_grad:
+                local = p.to_local() if hasattr(p, "to_local") else p
+                zero = zero + (local.reshape(-1)[:1].float() * 0).sum()
+        return zero
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self.model_step(batch, "val")

@@ -94,11 +94,33 @@ def sidecar_args(tmp_path_factory, demo_data) -> list[str]:
     return [f"--data.init_args.records.init_args.negatives={{sidecar: {side}, band: [1, 3], per_turn: 1}}"]
 
 
+@pytest.fixture(scope="module")
+def single_negs_grads(tmp_path_factory, two_shards, sidecar_args):
+    from tests.train.conftest import run_muco
+
+    return run_step(run_muco, tmp_path_factory.mktemp("single_negs"), two_shards, "single_negs", 8, *sidecar_args)
+
+
 def test_ddp_with_mined_negatives_gradients_equal_single_process(muco_cli, tmp_path, two_shards, sidecar_args,
-                                                                single_grads):
+                                                                single_grads, single_negs_grads):
     """The packed negative sequences are gathered over ranks as extra columns of every query row."""
-    single = run_step(muco_cli, tmp_path, two_shards, "single_negs", 8, *sidecar_args)
+    single = single_negs_grads
     assert any(not torch.allclose(single[n], single_grads[n], atol=1e-6) for n in single)  # the negatives count
     ddp = run_step(muco_cli, tmp_path, two_shards, "ddp_negs", 4, "--trainer.devices=2", "--trainer.strategy=ddp",
                    *sidecar_args)
     assert_same_grads(single, ddp)
+
+
+def test_grad_cache_under_ddp_with_negatives_equals_single_process(muco_cli, tmp_path, two_shards, sidecar_args,
+                                                                   single_negs_grads):
+    """GradCache chunks of 3 (not dividing the 4 samples of a rank): the gather, group masks and negatives see
+    the whole batch, and DDP reduces the chunks' accumulated gradients once."""
+    ddp = run_step(muco_cli, tmp_path, two_shards, "ddp_gc", 4, "--trainer.devices=2", "--trainer.strategy=ddp",
+                   "--model.init_args.grad_cache_chunk=3", *sidecar_args)
+    assert_same_grads(single_negs_grads, ddp)
+
+
+def test_grad_cache_under_fsdp2_equals_single_process(muco_cli, tmp_path, two_shards, single_grads):
+    fsdp = run_step(muco_cli, tmp_path, two_shards, "fsdp_gc", 4, "--config", str(REPO / "configs/strategy/fsdp.yaml"),
+                    "--trainer.devices=2", "--model.init_args.grad_cache_chunk=3")
+    assert_same_grads(single_grads, fsdp)
