@@ -24,6 +24,7 @@ from muco.inputs.image_policy import ImagePolicy
 from muco.inputs.templates import EMB_TOKEN, IMG, MASK_TOKEN, base_template
 from muco.inputs.tokenizer import SpecialTokenIds
 from muco.model.embedder import Embedder
+from muco.model.token_rows import TokenRows, merge_token_rows
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +36,15 @@ def merge_adapter(model: nn.Module, ids: SpecialTokenIds, inplace: bool = False)
     if not hasattr(model, "merge_and_unload"):
         if not isinstance(model, Qwen2VLModel):
             raise TypeError(f"expected a Qwen2VLModel or a PEFT model around one, got {type(model).__name__}")
-        return model if inplace else copy.deepcopy(model)
+        return merge_token_rows(model if inplace else copy.deepcopy(model))
     rows = torch.tensor([ids.emb, ids.mask])
     with torch.no_grad():
-        # the effective rows as the adapter-wrapped model sees them (base row + trainable-token delta)
+        # the effective rows as the adapter-wrapped model sees them (the trainable rows, not the table's)
         want = model.get_input_embeddings()(rows.to(model.get_input_embeddings().weight.device)).float().cpu()
     # merging rewrites the wrapped model; a copy keeps a model that is still training intact
     merged = (model if inplace else copy.deepcopy(model)).merge_and_unload()
+    # PEFT's merge already writes the `TokenRows` rows in (their unload hook); this keeps it so if it stops
+    merged = merge_token_rows(merged)
     if not isinstance(merged, Qwen2VLModel):
         raise TypeError(f"merging gave a {type(merged).__name__}, not a Qwen2VLModel")
     table = merged.get_input_embeddings()
@@ -51,7 +54,8 @@ def merge_adapter(model: nn.Module, ids: SpecialTokenIds, inplace: bool = False)
     if not torch.allclose(got, want, atol=1e-6, rtol=1e-5):
         raise RuntimeError(f"the merged <|emb|>/<|mask|> rows differ from the trained ones by "
                            f"{(got - want).abs().max():.3g}")
-    leftovers = [n for n, _ in merged.named_modules() if "lora_" in n or "token_adapter" in n]
+    leftovers = [n for n, m in merged.named_modules()
+                 if "lora_" in n or "token_adapter" in n or isinstance(m, TokenRows)]
     if leftovers:
         raise RuntimeError(f"adapter modules survived the merge: {leftovers[:5]}")
     return merged

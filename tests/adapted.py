@@ -9,7 +9,7 @@ from muco.model.backbone import AdapterConfig, BackboneConfig, build_backbone
 
 
 def adapted_tiny_backbone(tok, seed: int, dropout: float = 0.0) -> nn.Module:
-    """Non-zero LoRA B matrices and changed ``<|emb|>``/``<|mask|>`` rows (peft's ``trainable_tokens_delta``
+    """Non-zero LoRA B matrices and changed ``<|emb|>``/``<|mask|>`` rows (``TokenRows``' ``trainable_tokens_delta``
     holds the rows themselves), so adapter merging and loading make a difference; in eval mode."""
     m = build_backbone(BackboneConfig(preset="tiny", adapter=AdapterConfig(r=4, alpha=8, dropout=dropout)), tok)
     gen = torch.Generator().manual_seed(seed)

@@ -61,8 +61,8 @@ def test_token_rows_are_merged_and_the_adapter_matters(adapted, exported, tiny_t
     merged = AutoModel.from_pretrained(exported).get_input_embeddings().weight
     base = build_backbone(BackboneConfig(preset="tiny"), tiny_tok)  # same seed: the pre-adapter weights
     base_rows = base.get_input_embeddings().weight[[ids.emb, ids.mask]]
-    # peft's `trainable_tokens_delta` holds the trained rows themselves (initialised from the base rows)
-    trained = adapted.get_input_embeddings().token_adapter.trainable_tokens_delta["default"]
+    # `TokenRows.rows` (`trainable_tokens_delta`) holds the trained rows themselves (initialised from the base rows)
+    trained = adapted.get_input_embeddings().rows
     assert torch.allclose(merged[[ids.emb, ids.mask]], trained, atol=1e-6)
     assert (merged[[ids.emb, ids.mask]] - base_rows).abs().max() > 1e-3
     plain = MuCoEncoder.from_parts(tiny_tok, base, "tiny").embed(TEXTS, [None, photos[0], photos[1]])

@@ -184,8 +184,8 @@ def enable_gradient_checkpointing(model: Qwen2VLModel) -> None:
     transformers (``enable_input_require_grads``, called by ``gradient_checkpointing_enable`` and by PEFT) hooks
     every input embedding of the model. That includes the vision tower's ``patch_embed``: a frozen tower then
     enters autograd and is recomputed and backpropagated through on every step. Those hooks are replaced by one
-    on the language model's ``embed_tokens`` (PEFT's trainable-token wrapper, if any). A trainable tower needs no
-    hook: its own weights put it in the graph.
+    on the language model's ``embed_tokens`` (the ``TokenRows`` embedding, with an adapter). A trainable tower
+    needs no hook: its own weights put it in the graph.
     """
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.disable_input_require_grads()
@@ -229,6 +229,8 @@ def apply_adapter(model: Qwen2VLModel, cfg: AdapterConfig, ids: SpecialTokenIds)
     """LoRA/DoRA on the language model's linear layers only, plus trainable `<|emb|>`/`<|mask|>` rows."""
     from peft import LoraConfig, get_peft_model
 
+    from muco.model.token_rows import add_token_rows
+
     if cfg.kind not in ("lora", "dora"):
         raise ValueError(f"adapter.kind must be 'lora' or 'dora', got {cfg.kind!r}")
     targets = "|".join(cfg.target_modules)
@@ -237,9 +239,12 @@ def apply_adapter(model: Qwen2VLModel, cfg: AdapterConfig, ids: SpecialTokenIds)
         init_lora_weights="gaussian" if cfg.init == "gaussian" else True,
         # regex: the vision tower and merger are never adapted
         target_modules=rf".*language_model.*\.({targets})$",
-        trainable_token_indices={"embed_tokens": [ids.emb, ids.mask]},
     )
-    return get_peft_model(model, lcfg)
+    peft_model = get_peft_model(model, lcfg)
+    # the two rows train through `TokenRows`, not PEFT's `trainable_token_indices`, whose layer copies the whole
+    # table on every forward (muco/model/token_rows.py); added after PEFT froze the base weights
+    add_token_rows(unwrap_qwen2vl(peft_model).language_model, "embed_tokens", [ids.emb, ids.mask])
+    return peft_model
 
 
 def unwrap_qwen2vl(model: nn.Module) -> Qwen2VLModel:

@@ -5,9 +5,10 @@ Two ways, chosen by ``FinetuneModule(merge_adapter_first=...)``:
 - **continue** (default, as the released code): the fine-tuning model has the same adapter as the pretraining
   run; its trained weights (adapter, ``<|emb|>``/``<|mask|>`` rows, anything else the checkpoint stored) are
   loaded into it and keep training. ``model.backbone`` must describe the same model as the pretraining run.
-- **merge**: the pretrained adapter is merged into the base weights with peft's ``merge_and_unload`` and a
-  fresh adapter (``model.backbone.adapter``, which may differ) is trained on top. The merged base weights are
-  frozen and are not stored in fine-tuning checkpoints, so rebuilding one needs ``init_from`` again.
+- **merge**: the pretrained adapter is merged into the base weights with peft's ``merge_and_unload`` (the
+  ``<|emb|>``/``<|mask|>`` rows with it, muco/model/token_rows.py) and a fresh adapter
+  (``model.backbone.adapter``, which may differ) is trained on top. The merged base weights are frozen and are
+  not stored in fine-tuning checkpoints, so rebuilding one needs ``init_from`` again.
 
 Frozen base weights left out of a checkpoint come back from the backbone config (local weights or the seeded
 preset), so the pretraining run's ``pretrained`` / ``preset`` / ``seed`` must match (checked).
@@ -26,6 +27,7 @@ from transformers import PreTrainedTokenizerBase
 
 from muco.inputs.tokenizer import SpecialTokenIds
 from muco.model.backbone import BackboneConfig, apply_adapter, load_qwen2vl, prepare_for_training
+from muco.model.token_rows import merge_token_rows, upgrade_state_dict
 from muco.train import checkpoint
 
 log = logging.getLogger(__name__)
@@ -83,8 +85,9 @@ def resume_mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[st
 
 
 def backbone_weights(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The checkpoint's ``embedder.*`` weights (the temperature and other extras are not carried over)."""
-    return {k: v for k, v in ckpt["state_dict"].items() if k.startswith("embedder.")}
+    """The checkpoint's ``embedder.*`` weights (the temperature and other extras are not carried over), PEFT's
+    trainable-token names, as checkpoints before ``TokenRows`` have them, renamed for it."""
+    return upgrade_state_dict({k: v for k, v in ckpt["state_dict"].items() if k.startswith("embedder.")})
 
 
 def load_continue(module: nn.Module, ckpt: dict[str, Any], path: str | Path) -> set[str]:
@@ -130,7 +133,9 @@ def merged_backbone(ckpt: dict[str, Any], path: str | Path, cfg: BackboneConfig,
         raise ValueError(f"init_from={path}: weights that do not fit the pretraining run's own backbone config "
                          f"({pre}), e.g. {unexpected[:3]}")
     if pre.adapter is not None:
-        model = model.merge_and_unload()  # LoRA/DoRA deltas and the trained token rows go into the base
+        # LoRA/DoRA deltas and the trained token rows go into the base (`merge_token_rows`: the rows are merged
+        # by PEFT through the `TokenRows` unload hook already; kept should that hook stop being called)
+        model = merge_token_rows(model.merge_and_unload())
     log.info("init_from=%s: merged the pretrained %s into the base; training a fresh adapter on top", path,
              pre.adapter.kind if pre.adapter else "full weights")
     model.requires_grad_(True)  # merge_and_unload leaves the base frozen

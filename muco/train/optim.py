@@ -39,7 +39,8 @@ class OptimConfig:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters only; no decay on biases, norms and embedding-row deltas."""
+    """Trainable parameters only; no decay on biases, norms and the trainable `<|emb|>`/`<|mask|>` rows
+    (`trainable_tokens_delta`, the name PEFT gave them and `TokenRows` keeps)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
