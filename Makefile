@@ -4,8 +4,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+DEMO_ROUNDS_STEPS ?= 20
 
-.PHONY: install test lint demo clean-demo
+.PHONY: install test lint demo demo-rounds clean-demo
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,6 +25,12 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m muco.demo
+
+# the fine-grained benchmark (docs/recipe.md §7): build data/finegrained/, run the five negative arms (in-batch,
+# random, static, dynamic, curriculum) once each at smoke scale and print their table; the full comparison is
+# `python benchmarks/bench_rounds.py` (3 seeds, the rounds files' steps)
+demo-rounds: $(STAMP)
+	$(PY) benchmarks/bench_rounds.py --seeds 1 --steps $(DEMO_ROUNDS_STEPS) --root runs/bench_rounds_demo
 
 clean-demo:
 	rm -rf data/demo runs/demo

@@ -4,6 +4,8 @@ held-out MMEB-format tasks before and after (`muco eval`) -> print a results tab
 Extra arguments are passed to the fit config, e.g. `python -m muco.demo --trainer.max_steps 50`.
 `python -m muco.demo pairs [root]` instead writes the demo's fine-tuning pairs (``<root>/pairs/{train,val}/``,
 for configs/demo_finetune.yaml) from the demo split under ``root`` (default data/demo).
+`python -m muco.demo finegrained [root]` writes the fine-grained benchmark (:mod:`muco.demo.finegrained`, default
+data/finegrained) for configs/finegrained.yaml and the rounds arms of benchmarks/bench_rounds.py.
 """
 
 from __future__ import annotations
@@ -48,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         from muco.demo.pairs import build_demo_pairs
 
         print(build_demo_pairs(extra[1] if len(extra) > 1 else str(ROOT)))
+        return 0
+    if extra[:1] == ["finegrained"]:
+        from muco.demo.finegrained import build_finegrained
+
+        print(build_finegrained(extra[1] if len(extra) > 1 else "data/finegrained"))
         return 0
     t0 = time.perf_counter()
     if not demo_ready(ROOT):

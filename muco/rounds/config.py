@@ -15,11 +15,15 @@ A plain YAML file (read with ``yaml.safe_load``, never executed)::
         - {from_round: 2, band: [30, 100], per_turn: 1}
         - {from_round: 3, band: [5, 30], per_turn: 1}
       mine: {shards: data/demo/train/manifest.json, top_k: 100, margin: 0.05, args: []}
+      remine: true                       # false: mine once (after the round before the first stage) and
+                                         # train every later round with that sidecar ("static" negatives)
     temperature: {mode: cosine, tau_start: 0.05, tau_end: 0.02}   # optional: tau per round, over the rounds
     eval: {tasks: data/demo/eval/tasks.yaml, args: []}            # optional: `muco eval` after every round
 
 Round r > 1 starts from round r-1's last checkpoint (``model.init_from``: its weights, a fresh optimizer and
-schedule); it trains with the negatives mined by round r-1's model when the schedule gives it a band.
+schedule); it trains with the negatives mined by round r-1's model when the schedule gives it a band. With
+``negatives.remine: false`` only the round before the schedule's first stage mines, and every later round draws
+from that one sidecar (its own band still comes from the schedule).
 """
 
 from __future__ import annotations
@@ -87,6 +91,7 @@ class RoundsConfig:
     temperature: dict[str, Any] | None = None
     eval_tasks: str | None = None
     eval_args: list[str] = field(default_factory=list)
+    remine: bool = True
 
     @classmethod
     def load(cls, path: str | Path) -> RoundsConfig:
@@ -116,8 +121,11 @@ class RoundsConfig:
                 raise RoundsConfigError(f"rounds[{i}].max_steps must be a positive integer, got {steps!r}")
             rounds.append(RoundSpec(steps, _str_list(r.get("args"), f"rounds[{i}].args")))
 
-        negs = _mapping(top.get("negatives"), "negatives", {"schedule", "mine"})
+        negs = _mapping(top.get("negatives"), "negatives", {"schedule", "mine", "remine"})
         schedule = mine = None
+        remine = negs.get("remine", True)
+        if not isinstance(remine, bool):
+            raise RoundsConfigError(f"negatives.remine must be true or false, got {remine!r}")
         if negs:
             try:
                 schedule = DifficultySchedule(negs.get("schedule") or [])
@@ -140,11 +148,25 @@ class RoundsConfig:
         ev = _mapping(top.get("eval"), "eval", {"tasks", "args"})
         return cls(Path(top["run_dir"]), configs, _str_list(fit.get("args"), "fit.args"), rounds,
                    _str_list(fit.get("launcher"), "fit.launcher"), schedule, mine, temp, ev.get("tasks"),
-                   _str_list(ev.get("args"), "eval.args"))
+                   _str_list(ev.get("args"), "eval.args"), remine)
+
+    def first_negatives_round(self) -> int | None:
+        """The first round that trains with mined negatives (None: none does)."""
+        return next((r for r in range(1, len(self.rounds) + 1)
+                     if self.schedule is not None and self.schedule.at(r) is not None), None)
 
     def needs_mining_after(self, r: int) -> bool:
-        """Whether round r+1 trains with negatives (then round r's model mines them)."""
-        return self.schedule is not None and r < len(self.rounds) and self.schedule.at(r + 1) is not None
+        """Whether round r's model mines negatives: round r+1 trains with them (with ``remine: false``, only the
+        round before the first one with negatives mines)."""
+        if self.schedule is None or r >= len(self.rounds) or self.schedule.at(r + 1) is None:
+            return False
+        return self.remine or r + 1 == self.first_negatives_round()
+
+    def sidecar_round(self, r: int) -> int:
+        """Whose model mined the negatives round r trains with: r-1, or with ``remine: false`` the round before
+        the first one with negatives."""
+        first = self.first_negatives_round()
+        return r - 1 if self.remine or first is None else first - 1
 
 
 def round_temperatures(spec: dict[str, Any], n_rounds: int) -> list[float]:

@@ -8,6 +8,9 @@ Layout under ``run_dir``::
     round1/round.json               written when the round is finished: settings, phase times, results
     summary.json                    all finished rounds
 
+With ``negatives.remine: false`` only the round before the first one with negatives mines, and every later round
+trains with that sidecar (:meth:`RoundsConfig.sidecar_round`).
+
 Every phase leaves a mark (``round.json``, ``phases.json``, the eval summary, the sidecar manifest), so a stopped
 run continues where it stopped: finished rounds and phases are skipped, and an interrupted fit resumes from the
 newest checkpoint of its run directory (as every ``muco fit`` does). Phases run as subprocesses, so the printed
@@ -73,7 +76,8 @@ class RoundsRunner:
         if stage is not None:
             (lo, hi), per_turn = stage
             cmd += ["--data.init_args.records.init_args.negatives",
-                    json.dumps({"sidecar": str(self.sidecar(r - 1)), "band": [lo, hi], "per_turn": per_turn})]
+                    json.dumps({"sidecar": str(self.sidecar(cfg.sidecar_round(r))), "band": [lo, hi],
+                                "per_turn": per_turn})]
         return cmd
 
     def eval_command(self, r: int) -> list[str]:
@@ -130,8 +134,8 @@ class RoundsRunner:
         stage = cfg.schedule.at(r) if cfg.schedule is not None else None
         out: dict[str, Any] = {
             "round": r, "max_steps": cfg.rounds[r - 1].max_steps, "checkpoint": str(self.last_ckpt(r)),
-            "negatives": None if stage is None else {"sidecar": str(self.sidecar(r - 1)), "band": list(stage[0]),
-                                                     "per_turn": stage[1]},
+            "negatives": None if stage is None else {"sidecar": str(self.sidecar(cfg.sidecar_round(r))),
+                                                     "band": list(stage[0]), "per_turn": stage[1]},
             "temperature": None if self.tau is None else self.tau[r - 1],
             "times": times,
         }
