@@ -160,3 +160,27 @@ def test_every_arm_trains_the_same_steps(tmp_path):
         if cfg.mine is not None:
             assert cfg.mine.margin < 0  # no false-negative filter: see the rounds files
     assert len(steps) == 1
+
+
+@pytest.mark.slow
+def test_the_static_arm_runs_end_to_end(fg_small, tmp_path):
+    """configs/rounds_static.yaml really starts: fit on the demo + fine-grained configs, mine, then two rounds
+    trained on that one sidecar (2 steps each, on the small build; the eval phase is left out for time, it is
+    `muco eval` on the FG tasks, which test_written_tasks checks)."""
+    from tests.train.conftest import run_muco
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "finegrained").symlink_to(fg_small)
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    raw = yaml.safe_load((REPO / "configs" / "rounds_static.yaml").read_text())
+    raw["rounds"] = [{"max_steps": 2}] * 3
+    raw.pop("eval")
+    raw["fit"]["args"] += ["--data.init_args.samples_per_epoch", "16", "--data.init_args.batch_size", "8",
+                           "--data.init_args.num_workers", "0",
+                           "--trainer.val_check_interval", "null"]
+    (tmp_path / "static.yaml").write_text(yaml.safe_dump(raw))
+    res = run_muco("rounds", "--config", "static.yaml", cwd=tmp_path, timeout=600)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    run = tmp_path / raw["run_dir"]
+    assert (run / "round1" / "negatives").is_dir() and not (run / "round2" / "negatives").exists()
+    assert len(list(run.glob("round3/**/last.ckpt"))) == 1
