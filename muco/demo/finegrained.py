@@ -27,17 +27,16 @@ Everything is a pure function of ``seed``.
 from __future__ import annotations
 
 import itertools
-import json
 import random
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import yaml
 from PIL import Image
 
-from muco.convert.m3t import convert_jsonl
+from muco.demo.build import write_split, write_tasks
 from muco.demo.digits import WORDS, load_digits_images, split
 
 CANVAS = 84
@@ -403,6 +402,14 @@ def finegrained_ready(root: str | Path) -> bool:
     return all((root / p).exists() for p in ("train/manifest.json", "val/manifest.json", "eval/tasks.yaml"))
 
 
+def rendered(records: Iterable[tuple[dict[str, Any], Picture]], renderer: Renderer,
+             images: Path) -> Iterator[dict[str, Any]]:
+    """The records, each after its scene's picture is saved under ``images``."""
+    for rec, pic in records:
+        renderer.render(pic).save(images / rec["image"])
+        yield rec
+
+
 def build_finegrained(root: str | Path = "data/finegrained", seed: int = 0, train_scenes: int = 3000,
                       val_scenes: int = 300, eval_queries: int = 200, samples_per_shard: int = 500) -> Path:
     """Write the benchmark under ``root`` (shards, eval tasks, images); a pure function of ``seed``."""
@@ -417,27 +424,8 @@ def build_finegrained(root: str | Path = "data/finegrained", seed: int = 0, trai
     eval_caps = {caption(s) for it in items for s in [it.query.scene, *(it.truths if it.task != "FG-CLS" else [])]}
     rng = random.Random(seed)
     for name, count, renderer in (("train", train_scenes, train_r), ("val", val_scenes, held_r)):
-        jsonl = root / f"{name}.jsonl"
-        with open(jsonl, "w", encoding="utf-8") as f:
-            for rec, pic in scene_records(name, count, renderer, rng, eval_caps):
-                renderer.render(pic).save(images / rec["image"])
-                f.write(json.dumps(rec) + "\n")
-        summary = convert_jsonl(jsonl, images, str(root / name / f"{name}-%06d.tar"), turns=len(TURNS),
-                                max_samples_per_shard=samples_per_shard, overwrite=True)
-        if summary.rejected:
-            raise RuntimeError(f"finegrained data: {summary.rejected} records rejected; see {root / name}")
-    tasks_dir = root / "eval"
-    tasks_dir.mkdir(exist_ok=True)
-    specs = []
-    for name, rows in eval_rows(items, images, "images", held_r).items():
-        with open(tasks_dir / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-        specs.append({"name": name, "meta_task": EVAL_META[name], "split": "ind",
-                      "candidates": EVAL_CANDIDATES[name], "data": f"eval/{name}.jsonl"})
-    with open(tasks_dir / "tasks.yaml", "w", encoding="utf-8") as f:
-        f.write("# held-out fine-grained digit scenes in MMEB_Test_Instruct format (written by muco.demo.finegrained)"
-                "\n")
-        yaml.safe_dump({"root": str(root.resolve()), "defaults": {"image_root": "."}, "tasks": specs}, f,
-                       sort_keys=False)
+        write_split(root, name, rendered(scene_records(name, count, renderer, rng, eval_caps), renderer, images),
+                    samples_per_shard, "finegrained", turns=len(TURNS))
+    write_tasks(root, eval_rows(items, images, "images", held_r), EVAL_META, EVAL_CANDIDATES,
+                "held-out fine-grained digit scenes in MMEB_Test_Instruct format (written by muco.demo.finegrained)")
     return root
