@@ -55,7 +55,7 @@ def as_policy(policy: ImagePolicy | str | None, default: ImagePolicy | None = No
 
 
 @contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
+def eval_mode(module: nn.Module) -> Iterator[None]:
     """Eval mode for the call, then every submodule's own mode back (a training module stays as it was)."""
     modes = [(m, m.training) for m in module.modules()]
     module.eval()
@@ -178,7 +178,7 @@ class MuCoEncoder:
         device = self.device
         autocast = (torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
                     else nullcontext())
-        with torch.inference_mode(), _eval_mode(self.embedder), autocast:
+        with torch.inference_mode(), eval_mode(self.embedder), autocast:
             for start in range(0, n, batch_size):
                 idx = order[start : start + batch_size]
                 seqs = [base_template(user_texts[i]) for i in idx]

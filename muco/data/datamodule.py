@@ -239,6 +239,15 @@ class MuCoDataModule(LightningDataModule):
                 raise ValueError(f"{name}: {url} holds {other.label} (first: {first[0]!r}), not "
                                  f"{self.records.label}; {other.hint}, or {self.records.convert_hint}")
 
+    def use_negatives(self, negatives: Any) -> None:
+        """Train with other mined negatives (a ``data.records.negatives`` value; None: in-batch only) from the
+        next training dataloader on; the record kind must carry mined negatives (M3T records)."""
+        use = getattr(self.records, "use_negatives", None)
+        if use is None:
+            raise ValueError(f"{self.records.label} carry no mined negatives; rounds of mined negatives need "
+                             "data.records: muco.data.m3t.kind.M3TRecords")
+        use(negatives, self._train_samples)
+
     # -- loaders ------------------------------------------------------------------------------------------
     def make_dataset(self, split: str = "train", rank: int | None = None,
                      world_size: int | None = None) -> ShardStream:

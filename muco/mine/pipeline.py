@@ -22,6 +22,7 @@ import torch
 from muco.data.m3t.sidecar import MANIFEST, SidecarError, read_sidecar_manifest, write_sidecar
 from muco.data.shards import is_remote
 from muco.distributed import gather_objects
+from muco.encoder import MuCoEncoder, eval_mode
 from muco.inputs.image_policy import PRESETS
 from muco.mine.dist import barrier, gather_rows, world
 from muco.mine.search import Shard
@@ -137,8 +138,12 @@ def model_fingerprint(path: str | os.PathLike) -> list[int]:
 def settings(cfg: MineConfig) -> dict:
     """What makes a finished sidecar reusable (batch sizes, chunks and process counts do not change it)."""
     model = Path(cfg.model).resolve()
-    return {"model": str(model), "model_fingerprint": model_fingerprint(model),
-            "shards": [u if is_remote(u) else os.path.abspath(u) for u in cfg.shards],  # URLs stay URLs
+    return {"model": str(model), "model_fingerprint": model_fingerprint(model), **search_settings(cfg)}
+
+
+def search_settings(cfg: MineConfig) -> dict:
+    """:func:`settings` without the model: what was searched, and how."""
+    return {"shards": [u if is_remote(u) else os.path.abspath(u) for u in cfg.shards],  # URLs stay URLs
             "top_k": cfg.top_k, "margin": cfg.margin,
             "max_ratio": cfg.max_ratio, "extra": cfg.extra, "image_policy": cfg.image_policy or "model",
             "autocast": cfg.autocast, "query_turns": "stored order, first candidate query",
@@ -179,16 +184,29 @@ def mine(cfg: MineConfig, device: str | torch.device | None = None, devices: int
 
 def run(cfg: MineConfig, device: torch.device) -> dict | None:
     """One rank's work (torch.distributed already set up when more than one); the summary on rank 0."""
-    from muco.data.m3t.collate import PretrainCollator
-    from muco.mine.embed import MineStream, embed_queries, embed_texts, text_share
-
-    wanted = settings(cfg)
-    rank, size = world()
-    show = rank == 0 and cfg.progress
     kw = {} if cfg.image_policy is None else {"image_policy": cfg.image_policy}
     encoder = load_encoder(cfg.model, device=device,
                            autocast_dtype=None if cfg.autocast == "none" else cfg.autocast, **kw)
-    encoder.embedder.eval()
+    return mine_with(encoder, cfg, settings(cfg))
+
+
+def mine_with(encoder: MuCoEncoder, cfg: MineConfig, wanted: dict) -> dict | None:
+    """One rank's mining with ``encoder`` as it is (a loaded model, or a training run's live one: the rounds
+    inside ``muco fit``), recording ``wanted`` as the sidecar's settings; ``cfg.model`` only names the model in
+    the log, and the encoder's own image policy and autocast are used. Every rank of torch.distributed's
+    default group takes part (each runs its own forwards: no sharded model); rank 0 writes the sidecar and
+    gets the summary. The embedder's train/eval modes are as before when it returns."""
+    with eval_mode(encoder.embedder):
+        return _mine(encoder, cfg, wanted)
+
+
+def _mine(encoder: MuCoEncoder, cfg: MineConfig, wanted: dict) -> dict | None:
+    from muco.data.m3t.collate import PretrainCollator
+    from muco.mine.embed import MineStream, embed_queries, embed_texts, text_share
+
+    rank, size = world()
+    device = encoder.device
+    show = rank == 0 and cfg.progress
     if rank == 0:
         log.info("model %s on %s (%d process(es)), image policy %s, query turns per sequence: %s", cfg.model,
                  device, size, encoder.image_policy, wanted["turns_per_sequence"])

@@ -152,21 +152,17 @@ class RoundsConfig:
 
     def first_negatives_round(self) -> int | None:
         """The first round that trains with mined negatives (None: none does)."""
-        return next((r for r in range(1, len(self.rounds) + 1)
-                     if self.schedule is not None and self.schedule.at(r) is not None), None)
+        return None if self.schedule is None else self.schedule.first_round()
 
     def needs_mining_after(self, r: int) -> bool:
         """Whether round r's model mines negatives: round r+1 trains with them (with ``remine: false``, only the
         round before the first one with negatives mines)."""
-        if self.schedule is None or r >= len(self.rounds) or self.schedule.at(r + 1) is None:
-            return False
-        return self.remine or r + 1 == self.first_negatives_round()
+        return self.schedule is not None and r < len(self.rounds) and self.schedule.mines_after(r, self.remine)
 
     def sidecar_round(self, r: int) -> int:
         """Whose model mined the negatives round r trains with: r-1, or with ``remine: false`` the round before
         the first one with negatives."""
-        first = self.first_negatives_round()
-        return r - 1 if self.remine or first is None else first - 1
+        return r - 1 if self.schedule is None else self.schedule.sidecar_round(r, self.remine)
 
 
 def round_temperatures(spec: dict[str, Any], n_rounds: int) -> list[float]:

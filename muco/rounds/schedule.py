@@ -71,6 +71,21 @@ class DifficultySchedule:
                 current = (s.band, s.per_turn)
         return current
 
+    def first_round(self) -> int | None:
+        """The first round that draws mined negatives (None: no stage)."""
+        return self.stages[0].from_round if self.stages else None
+
+    def mines_after(self, round_: int, remine: bool = True) -> bool:
+        """Whether round ``round_``'s model mines: the next round draws negatives, and with ``remine=False``
+        ("static" negatives) only the round before the first stage mines, once."""
+        return self.at(round_ + 1) is not None and (remine or round_ + 1 == self.first_round())
+
+    def sidecar_round(self, round_: int, remine: bool = True) -> int:
+        """Whose model mined the negatives round ``round_`` draws: the previous round's, or with
+        ``remine=False`` always the round before the first stage's."""
+        first = self.first_round()
+        return round_ - 1 if remine or first is None else first - 1
+
     def negatives_for(self, round_: int, sidecar: str | None) -> NegativesConfig | None:
         """The ``data.records.negatives`` config of round ``round_`` with the sidecar mined after the previous round."""
         at = self.at(round_)

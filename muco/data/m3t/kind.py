@@ -82,6 +82,12 @@ class M3TRecords(RecordKind):
         if self.negatives is not None and self.sampler is None:
             self.sampler = load_negatives(self.negatives, train_samples)
 
+    def use_negatives(self, negatives: NegativesConfig | Mapping[str, Any] | None, train_samples: int | None) -> None:
+        """Train with other mined negatives from the next decoder on (None: in-batch only): the rounds inside
+        ``muco fit`` swap them between rounds."""
+        self.negatives, self.sampler = NegativesConfig.coerce(negatives), None
+        self.load(train_samples)
+
     def decoder(self, policy: ImagePolicy, seed: int, train: bool, source_info: Any) -> M3TDecoder:
         # validation draws a per-sample order and never carries negatives
         return M3TDecoder(policy, self.turns_per_sample, seed=seed, expected_turns=source_info,

@@ -1,0 +1,205 @@
+"""Hard-negative rounds inside one ``muco fit``: a Lightning callback that, at every round boundary, mines with
+the current weights on all ranks of the job (the code of ``muco mine``), swaps the DataModule's mined negatives
+and carries on: one job, no restarts, the model never re-read from disk.
+
+A round is ``epochs_per_round`` epochs of ``data.samples_per_epoch`` samples; the difficulty schedule says which
+rank band each round draws (the same stages as a rounds file: ``from_round`` >= 2, round 1 trains with the data
+config as given). After the last epoch of round r, when round r+1 draws negatives (and, with ``remine: false``,
+only before the first such round), every rank embeds its share of the training shards' query turns and target
+texts and rank 0 writes the sidecar to ``<run dir>/rounds/after_round<r>/``, the same file ``muco mine`` writes for
+a checkpoint of these weights. Then every rank loads it, and the next epoch's dataloader (Lightning reloads it
+every epoch: ``trainer.reload_dataloaders_every_n_epochs`` is set to 1) draws from it.
+
+The callback's state (the round the next batch trains in, the sidecars mined so far) is part of every
+checkpoint, so a preempted job resumes in its round with the same negatives and τ. A checkpoint written at the
+last batch of a round, before the epoch ended, resumes into that epoch's end, which mines then. Mining does
+not move the training random state (it runs under a forked RNG).
+
+Not under FSDP2 (``ModelParallelStrategy``): mining runs each rank's own, unequal number of forwards, which a
+sharded model cannot; ``muco rounds`` (one job per phase) covers that case.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from muco.rounds.schedule import DifficultySchedule
+
+log = logging.getLogger("muco.rounds")
+
+__all__ = ["InFitRounds"]
+
+# `mine` settings: those of `muco mine`, spelled as MineConfig's fields
+MINE_DEFAULTS: dict[str, Any] = {"shards": None, "top_k": 100, "margin": 0.05, "max_ratio": None, "extra": None,
+                                 "batch_size": 16, "query_chunk": 1024, "corpus_chunk": 16384, "num_workers": 0,
+                                 "autocast": None}
+AUTOCAST_OF_PRECISION = {"bf16-mixed": "bfloat16", "16-mixed": "float16"}
+
+
+class InFitRounds(Callback):
+    """Rounds of mined hard negatives inside one fit (``trainer.callbacks`` in YAML).
+
+    Args:
+        epochs_per_round: epochs of ``data.samples_per_epoch`` samples per round.
+        schedule: difficulty stages, ``[{from_round: 2, band: [11, 30], per_turn: 1}, ...]`` (from round 2 on).
+        mine: settings of ``muco mine`` (``top_k``, ``margin`` (negative: off), ``max_ratio``, ``extra``,
+            ``batch_size``, ``query_chunk``, ``corpus_chunk``, ``num_workers``, ``autocast``, ``shards``);
+            ``shards`` defaults to ``data.train_shards`` and ``autocast`` to the trainer's precision.
+        remine: False mines once, before the first round with negatives, and every later round reuses it.
+        temperatures: τ per round (the last one for later rounds); needs a fixed ``model.temperature``.
+        output: the folder of the run directory the sidecars go to.
+    """
+
+    def __init__(self, epochs_per_round: int, schedule: Sequence[Mapping[str, Any]],
+                 mine: Mapping[str, Any] | None = None, remine: bool = True,
+                 temperatures: Sequence[float] | None = None, output: str = "rounds") -> None:
+        if isinstance(epochs_per_round, bool) or not isinstance(epochs_per_round, int) or epochs_per_round < 1:
+            raise ValueError(f"InFitRounds.epochs_per_round must be an integer >= 1, got {epochs_per_round!r}")
+        try:
+            self.schedule = DifficultySchedule(schedule)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"InFitRounds.schedule: {e}") from e
+        first = self.schedule.first_round()
+        if first is None or first < 2:
+            raise ValueError("InFitRounds.schedule: give stages with from_round >= 2 (round 1 trains with the "
+                             f"data config's own negatives), got {self.schedule.to_list()}")
+        unknown = set(mine or {}) - set(MINE_DEFAULTS)
+        if unknown:
+            raise ValueError(f"InFitRounds.mine: unknown keys {sorted(unknown)}; expected some of "
+                             f"{sorted(MINE_DEFAULTS)}")
+        if not isinstance(remine, bool):
+            raise ValueError(f"InFitRounds.remine must be true or false, got {remine!r}")
+        taus = list(temperatures or [])
+        if not all(isinstance(t, (int, float)) and math.isfinite(t) and t > 0 for t in taus):
+            raise ValueError(f"InFitRounds.temperatures must be positive numbers, got {temperatures!r}")
+        self.epochs_per_round, self.remine, self.temperatures = epochs_per_round, remine, [float(t) for t in taus]
+        self.mine = {**MINE_DEFAULTS, **(mine or {})}
+        self.output = output
+        self.round = 1  # the round the next training batch belongs to
+        self.sidecars: dict[int, str] = {}  # round r -> the sidecar mined with its final weights
+        self._data_negatives: Any = None  # the data config's own negatives (round 1, and rounds without a stage)
+        self._trainer: Trainer | None = None
+
+    # -- Lightning --------------------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        dm = trainer.datamodule
+        if not hasattr(dm, "use_negatives") or not hasattr(getattr(dm, "records", None), "use_negatives"):
+            raise ValueError("InFitRounds needs muco's DataModule with M3T records (data.records: "
+                             "muco.data.m3t.kind.M3TRecords)")
+        if isinstance(trainer.strategy, ModelParallelStrategy):
+            raise ValueError("InFitRounds cannot mine under FSDP2 (ModelParallelStrategy): each rank runs its own "
+                             "number of forwards; use `muco rounds` (one job per phase) or DDP")
+        temperature = getattr(pl_module, "temperature", None)
+        if self.temperatures and (temperature is None or temperature.learnable or temperature.schedule is not None):
+            raise ValueError("InFitRounds.temperatures sets a fixed τ per round; remove model.learnable_temperature "
+                             "and model.temperature_schedule, or the temperatures")
+        if self.mine["shards"] is None and dm.train_weights is not None:
+            raise ValueError("InFitRounds.mine.shards: data.train_shards mixes several sources; name the one to "
+                             "mine for")
+        if trainer.reload_dataloaders_every_n_epochs not in (0, 1):
+            raise ValueError("InFitRounds swaps negatives at epoch ends, so the train dataloader must be rebuilt "
+                             "every epoch; remove trainer.reload_dataloaders_every_n_epochs")
+        trainer.reload_dataloaders_every_n_epochs = 1
+        self._trainer = trainer
+        self._data_negatives = dm.records.negatives
+        self._apply(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"round": self.round, "sidecars": {str(r): p for r, p in self.sidecars.items()},
+                "epochs_per_round": self.epochs_per_round}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # restored after setup() and before the first train dataloader: the resumed round applies from the start
+        if state_dict.get("epochs_per_round", self.epochs_per_round) != self.epochs_per_round:
+            raise ValueError(f"InFitRounds.epochs_per_round={self.epochs_per_round} but the checkpoint's run used "
+                             f"{state_dict['epochs_per_round']}; a resumed run keeps its rounds")
+        self.round = int(state_dict["round"])
+        self.sidecars = {int(r): str(p) for r, p in state_dict.get("sidecars", {}).items()}
+        if self._trainer is not None:
+            self._apply(self._trainer, self._trainer.lightning_module)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        pl_module.log("rounds/round", float(self.round), batch_size=1)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        finished = (trainer.current_epoch + 1) // self.epochs_per_round
+        if (trainer.current_epoch + 1) % self.epochs_per_round or finished != self.round:
+            return
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        if progress.ready < trainer.num_training_batches or trainer.should_stop:
+            return  # stopped inside the epoch (preemption): the round is not over
+        if (trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps) or (
+                trainer.max_epochs is not None and trainer.max_epochs >= 0
+                and trainer.current_epoch + 1 >= trainer.max_epochs):
+            return  # training is over: no next round to mine for
+        if self.schedule.mines_after(finished, self.remine) and finished not in self.sidecars:
+            self.sidecars[finished] = self._mine(trainer, pl_module, finished)
+        self.round = finished + 1
+        self._apply(trainer, pl_module)
+
+    # -- rounds -----------------------------------------------------------------------------------------
+    def negatives(self, round_: int) -> Any:
+        """Round ``round_``'s ``data.records.negatives``: the schedule's stage with its sidecar, else the data
+        config's own."""
+        if self.schedule.at(round_) is None:
+            return self._data_negatives
+        return self.schedule.negatives_for(round_, self.sidecars.get(self.schedule.sidecar_round(round_, self.remine)))
+
+    def _apply(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        r = self.round
+        negatives = self.negatives(r)
+        trainer.datamodule.use_negatives(negatives)
+        if self.temperatures:
+            pl_module.temperature.tau.fill_(self.temperatures[min(r, len(self.temperatures)) - 1])
+        if trainer.is_global_zero:
+            what = "in-batch negatives" if negatives is None else (
+                f"negatives ranks {negatives.band[0]}-{negatives.band[1]} of {negatives.sidecar}, "
+                f"{negatives.per_turn} per turn")
+            log.info("round %d (from epoch %d): %s, tau %.4g", r, (r - 1) * self.epochs_per_round, what,
+                     float(pl_module.temperature.value))
+
+    def _mine(self, trainer: Trainer, pl_module: LightningModule, finished: int) -> str:
+        """Mine with the weights at the end of round ``finished`` on every rank; the sidecar's path."""
+        from muco.data.shards import resolve_shards
+        from muco.encoder import MuCoEncoder
+        from muco.mine.pipeline import MineConfig, mine_with, search_settings
+
+        dm, m = trainer.datamodule, self.mine
+        shard_set = resolve_shards(m["shards"] if m["shards"] is not None else dm.train_shards)
+        out = Path(trainer.default_root_dir) / self.output / f"after_round{finished}"
+        autocast = m["autocast"] or AUTOCAST_OF_PRECISION.get(str(trainer.precision), "none")
+        margin = m["margin"]
+        cfg = MineConfig(
+            model=f"the weights after round {finished} (step {trainer.global_step})", shards=tuple(shard_set.urls),
+            output=out, top_k=m["top_k"], margin=None if margin is None or margin < 0 else margin,
+            max_ratio=m["max_ratio"], extra=m["extra"], image_policy=dm.image_policy,
+            turns_per_sequence=dm.records.turns_per_sample, autocast=autocast, batch_size=m["batch_size"],
+            query_chunk=m["query_chunk"], corpus_chunk=m["corpus_chunk"], num_workers=m["num_workers"],
+            num_samples=shard_set.num_samples, progress=False)
+        wanted = {"model": f"{Path(trainer.default_root_dir).resolve()} after round {finished}",
+                  "global_step": trainer.global_step, **search_settings(cfg)}
+        encoder = MuCoEncoder(pl_module.tokenizer, pl_module.embedder, dm.image_policy, autocast_dtype=(
+            None if autocast == "none" else autocast))
+        if trainer.is_global_zero:
+            log.info("round %d over at step %d: mining negatives for round %d into %s", finished,
+                     trainer.global_step, finished + 1, out)
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # the training RNG stream is not moved by mining
+            summary = mine_with(encoder, cfg, wanted)
+        if summary is not None and trainer.logger is not None:
+            stats = {f"rounds/mined_{k}": float(summary[k]) for k in ("mean_pos_sim", "mean_neg_sim")
+                     if summary.get(k) is not None}
+            stats["rounds/mined_turns_short"] = float(summary["turns_short"])
+            trainer.logger.log_metrics(stats, step=trainer.global_step)
+        return str(out)
