@@ -1,12 +1,14 @@
 """Padding in real pretraining batches at M3T shapes: the share of computed token positions that are real tokens
 (``perf/token_efficiency`` in training), per side, for batches as the stream makes them (random order) and for
-length-bucketed batches (samples sorted by length within a shuffle buffer, then cut into batches).
+batches of the stream's length bucketing (``data.length_bucketing``: :class:`muco.data.length_buckets.LengthBuckets`
+with the M3T record kind's length key; samples sorted by length within windows of W batches, then cut into
+batches), for several windows.
 
 Samples are M3T-shaped (``_shapes``: scikit-image photos at the pretraining resolution, 529-782 visual tokens;
 7 turns with 15-25-word queries, short answers and an 80-120-word caption), turns drawn as in training, collated by
 the training collator with the Qwen2 vocabulary. No model runs; the numbers are token counts.
 
-    python benchmarks/bench_padding.py [--samples 256] [--batch-size 32] [--turns 7]
+    python benchmarks/bench_padding.py [--samples 256] [--batch-size 32] [--turns 7] [--windows 2 4 8]
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _shapes import m3t_record, photos  # noqa: E402
 
+from muco.data.length_buckets import LengthBuckets  # noqa: E402
 from muco.data.m3t.collate import PretrainCollator, PretrainSample  # noqa: E402
+from muco.data.m3t.kind import M3TRecords  # noqa: E402
 from muco.data.m3t.turns import draw_turns  # noqa: E402
 from muco.data.seeds import sample_rng  # noqa: E402
 from muco.inputs.image_policy import ImagePolicy  # noqa: E402
@@ -47,6 +51,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--turns", type=int, default=7)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--windows", type=int, nargs="+", default=[2, 4, 8],
+                    help="length-bucketing windows to measure, in batches (data.length_bucketing)")
     args = ap.parse_args()
     policy = ImagePolicy.preset("pretrain")
     pics = [policy.prepare(im) for _, im in photos(policy.short_side or 640)]
@@ -60,14 +66,17 @@ def main() -> None:
     random.Random(args.seed).shuffle(samples)
     b = args.batch_size
     stream = [samples[i : i + b] for i in range(0, len(samples) - b + 1, b)]
-    # length-aware: sort the buffer by a length key, then cut into batches
-    keys = {"text length": lambda s: sum(map(len, s.queries)) + sum(map(len, s.targets)),
-            "image size, text": lambda s: (s.image.size[0] * s.image.size[1], sum(map(len, s.queries)))}
     results = {"stream order": efficiency(collator, stream)}
-    for name, key in keys.items():
-        ordered = sorted(samples, key=key)
-        results[f"by {name}"] = efficiency(collator, [ordered[i : i + b] for i in range(0, len(ordered) - b + 1, b)])
-    print(f"{args.samples} M3T-shaped samples, {args.turns} turns, batches of {b}, buffer = all samples; "
+    key = M3TRecords(turns_per_sample=args.turns).length_key(policy)
+    used = len(stream) * b  # the samples of the stream's batches, so every column sees the same ones
+    for w in args.windows:  # the stream's stage: consecutive windows of the shuffled stream (the last one cut to
+        # what is left, as the stream cuts it to a worker's batch quota), each sorted, cut and shuffled
+        buckets, size = LengthBuckets(key, w, b), w * b
+        rng = random.Random(args.seed)
+        bucketed = [batch for i in range(0, used, size)
+                    for batch in buckets.batches(samples[i : min(i + size, used)], rng)]
+        results[f"bucketed W={w}"] = efficiency(collator, bucketed)
+    print(f"{args.samples} M3T-shaped samples, {args.turns} turns, batches of {b}; "
           "token efficiency (real tokens / computed positions)")
     print(f"{'':>9}" + "".join(f"  {name:>22}" for name in results))
     for side in ("query", "target", "overall"):

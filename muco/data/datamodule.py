@@ -90,6 +90,7 @@ class MuCoDataModule(LightningDataModule):
         persistent_workers: bool = True,
         prefetch_factor: int = 2,
         pin_memory: bool = False,
+        length_bucketing: int = 0,
     ) -> None:
         """``train_shards``: a brace pattern / glob / manifest.json, or a list of them (one source); with
         ``train_weights`` each list entry is one source, mixed per sample with those weights.
@@ -97,7 +98,9 @@ class MuCoDataModule(LightningDataModule):
         ``batch_size`` is per device (images for M3T, pairs for pairs); ``samples_per_epoch`` is global (all
         ranks). ``tokenizer``: None (default) uses the model's tokenizer (attached by the trainer, so one
         tokenizer serves model and data); set it (``tiny`` | ``qwen-offline`` | a local directory) for use
-        without a trainer."""
+        without a trainer. ``length_bucketing``: 0 (off) or a window in batches: each training worker sorts
+        that many batches' worth of samples by length and cuts them into batches of similar length, for less
+        padding (:mod:`muco.data.length_buckets`)."""
         hparams = {k: v for k, v in locals().items() if k not in ("self", "__class__", "tokenizer")}
         super().__init__()
         self.records = M3TRecords() if records is None else build_record_kind(records)
@@ -112,6 +115,7 @@ class MuCoDataModule(LightningDataModule):
         self.tokenizer, self.image_policy = tokenizer, image_policy
         self.persistent_workers, self.prefetch_factor, self.pin_memory = (
             persistent_workers, prefetch_factor, pin_memory)
+        self.length_bucketing = length_bucketing
         self.train_config: StreamConfig | None = None
         self.val_config: StreamConfig | None = None
         self.policy: ImagePolicy | None = None
@@ -121,6 +125,7 @@ class MuCoDataModule(LightningDataModule):
         self._shared_epoch: SharedEpoch | None = None  # created in setup (holds shared memory)
         self.progress = DataProgress(num_workers)
         self._train_stream: ShardStream | None = None
+        self._epoch_listeners: list[Callable[[int], None]] = []
 
     # -- setup: every check that can fail runs here, before the first step --------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -211,7 +216,7 @@ class MuCoDataModule(LightningDataModule):
         return StreamConfig(
             sources=[s.urls for s in sets], batch_size=self.batch_size, weights=self.train_weights,
             resampled=self.resampled, shuffle_buffer=self.shuffle_buffer, seed=self.seed,
-            samples_per_epoch=per_epoch, train=True)
+            samples_per_epoch=per_epoch, train=True, length_bucketing=self.length_bucketing)
 
     def _specs(self) -> list:
         if self.train_weights is None:
@@ -247,6 +252,12 @@ class MuCoDataModule(LightningDataModule):
             raise ValueError(f"{self.records.label} carry no mined negatives; rounds of mined negatives need "
                              "data.records: muco.data.m3t.kind.M3TRecords")
         use(negatives, self._train_samples)
+        if self._train_stream is not None:  # a loader built already: its next iterator's workers take them
+            self._train_stream.decode = self._decoder("train")
+
+    def _decoder(self, split: str) -> Any:
+        assert self.policy is not None  # set up
+        return self.records.decoder(self.policy, self.seed, split == "train", self._source_info.get(split))
 
     # -- loaders ------------------------------------------------------------------------------------------
     def make_dataset(self, split: str = "train", rank: int | None = None,
@@ -258,9 +269,9 @@ class MuCoDataModule(LightningDataModule):
         if rank is None or world_size is None:
             rank, world_size = self.dist_info()
         train = split == "train"
-        decoder = self.records.decoder(self.policy, self.seed, train, self._source_info.get(split))
+        decoder = self._decoder(split)
         stream = ShardStream(cfg, decoder, self.collator, rank, world_size, self._shared_epoch if train else None,
-                             arrange=self.records.arranger(train))
+                             arrange=self.records.arranger(train), length=self.records.length_key(self.policy))
         if train:
             stream.skip_counts = self.progress.skip_counts
         return stream
@@ -287,9 +298,16 @@ class MuCoDataModule(LightningDataModule):
         return self._loader(ds, min(self.num_workers, mine), train=False)  # no idle val workers
 
     # -- epochs and resume --------------------------------------------------------------------------------
+    def add_epoch_listener(self, listener: Callable[[int], None]) -> None:
+        """Call ``listener(epoch)`` when a training iterator of data epoch ``epoch`` begins, before its workers
+        start (on every rank, in the training process): the last moment to change what the epoch reads."""
+        self._epoch_listeners.append(listener)
+
     def _begin_epoch(self) -> None:
-        trainer = self.trainer
-        epoch, point = self.progress.begin_epoch(trainer.current_epoch if trainer is not None else None)
+        epoch, point = self.progress.begin_epoch(
+            None if self._train_stream is None else self._train_stream.num_batches)
+        for listener in self._epoch_listeners:
+            listener(epoch)
         assert self._shared_epoch is not None  # created in setup()
         self._shared_epoch.set_value(epoch)
         if self._train_stream is not None:

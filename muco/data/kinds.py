@@ -15,6 +15,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from muco.components import Component, build_component
+from muco.data.length_buckets import LengthKey
 from muco.data.shards import ShardSet
 from muco.data.stream import Arranger, Collator, Decoder
 from muco.inputs.image_policy import ImagePolicy
@@ -50,6 +51,10 @@ class RecordKind(Component):
 
     def collator(self, tokenizer: PreTrainedTokenizerBase, policy: ImagePolicy) -> Collator:
         raise NotImplementedError
+
+    def length_key(self, policy: ImagePolicy) -> LengthKey | None:
+        """A decoded sample's estimated token count, for ``data.length_bucketing`` (None: the kind has none)."""
+        return None
 
     def describe(self) -> str:
         return self.label

@@ -9,7 +9,10 @@ next batch (:class:`ResumePoint`).
 from __future__ import annotations
 
 import multiprocessing as mp
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import TypeVar
+
+P = TypeVar("P", bound="WorkerPosition")
 
 
 class SharedCounts:
@@ -54,6 +57,35 @@ class WorkerPosition:
     samples: int = 0
     batches: int = 0
     batch_no: int = 0
+
+    @classmethod
+    def restore(cls: type[P], saved: dict[str, int]) -> P:
+        """The position a checkpoint saved; fields of another position class (length bucketing switched on or
+        off since: no exact resume) are left out."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in names})
+
+
+@dataclass
+class WindowPosition(WorkerPosition):
+    """A worker's position with length bucketing (:mod:`muco.data.length_buckets`): also where its current window
+    of samples began. A window's batches leave in a shuffled order only once the whole window is read, so a
+    resumed worker reads past ``window_raw`` raw samples without decoding them, decodes the window again and
+    drops the ``window_batches`` batches it had already made. When a window's last batch is made the position
+    moves to the next window, so a resume at a window boundary reads past everything, as without bucketing."""
+
+    window: int = 0  # windows completed in this epoch (the index of the current one)
+    window_raw: int = 0  # raw samples read before the current window
+    window_skipped: int = 0  # bad samples skipped before it
+    window_batches: int = 0  # batches of the current window already made (delivered, or failed to collate)
+
+    @classmethod
+    def restore(cls, saved: dict[str, int]) -> WindowPosition:
+        """The position a checkpoint saved; one saved without bucketing resumes at a window boundary."""
+        pos = super().restore(saved)
+        if "window_raw" not in saved:
+            pos.window_raw, pos.window_skipped = pos.raw, pos.skipped
+        return pos
 
 
 @dataclass

@@ -11,7 +11,9 @@ choice comes from a stable hash of (seed, epoch, rank, worker, ...) like open_cl
 Exact resume: a worker's stream within an epoch is a pure function of (seed, epoch, rank, worker), so a
 :class:`~muco.data.position.ResumePoint` (each worker's raw samples read and batches delivered) lets a restarted
 worker read past the samples already trained, without decoding their images, and continue with the very next
-batch.
+batch. With length bucketing (``length_bucketing``, :mod:`muco.data.length_buckets`) batches are cut from
+windows of decoded samples; a resumed worker reads past the windows it finished and decodes its current window
+again (:class:`~muco.data.position.WindowPosition`).
 
 Bad samples (corrupt image, missing member, bad JSON, wrong turn count, empty query, truncated tar) are
 skipped, counted per worker and reported with a rate-limited warning naming the shard and key; every batch
@@ -32,7 +34,8 @@ from typing import Any
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
 
-from muco.data.position import BatchStats, ResumePoint, SharedCounts, SharedEpoch, WorkerPosition
+from muco.data.length_buckets import LengthBuckets, LengthKey
+from muco.data.position import BatchStats, ResumePoint, SharedCounts, SharedEpoch, WindowPosition, WorkerPosition
 from muco.data.seeds import stable_seed
 from muco.data.skips import SkipLog
 from muco.data.tar_reader import TarReader
@@ -54,6 +57,11 @@ class StreamConfig:
     samples_per_epoch: int | None = None  # global; None: one pass over each rank's shards
     train: bool = True  # False: no shuffling, epoch fixed to 0, partial last batch kept
     skip_file: str | None = None  # every skipped sample is appended here (the run directory's skipped.jsonl)
+    length_bucketing: int = 0  # training only: batches of similar length cut from windows of this many batches
+
+    def __post_init__(self) -> None:
+        if self.length_bucketing < 0:  # checked where the DataModule's setup builds the config
+            raise ValueError(f"data.length_bucketing must be >= 0 (0: off), got {self.length_bucketing}")
 
 
 # decode(raw sample, epoch) -> one collator input; raises on a bad sample
@@ -80,15 +88,22 @@ def _weighted_mix(streams: list[Iterator], weights: list[float], rng: random.Ran
 class ShardStream(IterableDataset):
     """Collated batches for one rank: ``decode`` turns each raw sample into a collator input (raising on a bad
     one), ``collate`` makes a batch of ``cfg.batch_size`` of them, ``arrange`` (optional) re-arranges a batch's
-    samples first with a per-batch seeded RNG. ``len()`` is the batch count per rank when it is fixed."""
+    samples first with a per-batch seeded RNG. ``length`` (the record kind's length estimate) is needed with
+    ``cfg.length_bucketing``. ``len()`` is the batch count per rank when it is fixed."""
 
     def __init__(self, cfg: StreamConfig, decode: Decoder, collate: Collator, rank: int = 0, world_size: int = 1,
-                 epoch: SharedEpoch | None = None, arrange: Arranger | None = None) -> None:
+                 epoch: SharedEpoch | None = None, arrange: Arranger | None = None,
+                 length: LengthKey | None = None) -> None:
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.decode, self.collate, self.arrange = decode, collate, arrange
+        self.buckets: LengthBuckets | None = None
+        if cfg.length_bucketing and cfg.train:  # validation batches keep the stream order (nothing to gain)
+            if length is None:
+                raise ValueError("data.length_bucketing needs a record kind with a length_key")
+            self.buckets = LengthBuckets(length, cfg.length_bucketing, cfg.batch_size)
         self.epoch = epoch
         spe = cfg.samples_per_epoch
         self.num_batches = None if spe is None else spe // (world_size * cfg.batch_size)  # same on every rank
@@ -98,6 +113,7 @@ class ShardStream(IterableDataset):
         self._read_tar = TarReader(self._tar_error)
         self._failures = 0
         self._epoch, self._w, self._wid = 0, 0, ""
+        self._replay_raw = -1  # a resumed window is decoded again up to here: its skips were logged already
         self.skip_counts: SharedCounts | None = None  # per-worker skip counts the training process reads
 
     def __len__(self) -> int:
@@ -114,13 +130,22 @@ class ShardStream(IterableDataset):
         # logical worker whose batch came next, so batches arrive in the uninterrupted run's order
         w = lw if point is None else (lw + point.batches) % nw
         done = point.workers[w] if point is not None and w < len(point.workers) else None
-        self.position = WorkerPosition() if done is None else WorkerPosition(**done)
+        n = self.num_batches
+        quota = None if n is None else n // nw + (w < n % nw)  # this worker's batches in the epoch
         wid = f"r{self.rank}w{w}" if self.cfg.train else f"val-r{self.rank}w{w}"
         self._epoch, self._w, self._wid = epoch, w, wid
-        batches = self._batches(self._samples(epoch, w, nw, wid, self.position.raw), epoch, wid, w)
-        if self.num_batches is not None:  # split over workers
-            n = self.num_batches
-            batches = islice(batches, max(0, n // nw + (w < n % nw) - self.position.batches))
+        self._replay_raw = -1
+        if self.buckets is None:
+            self.position = WorkerPosition() if done is None else WorkerPosition.restore(done)
+            batches = self._batches(self._samples(epoch, w, nw, wid, self.position.raw), epoch, wid, w)
+        else:
+            self.position = pos = WindowPosition() if done is None else WindowPosition.restore(done)
+            # back to the start of the current window: read past what came before, decode the window again
+            self._replay_raw, drop = (-1 if done is None else pos.raw), pos.window_batches
+            pos.raw, pos.skipped = pos.window_raw, pos.window_skipped
+            batches = self._bucketed(self._samples(epoch, w, nw, wid, pos.raw), epoch, wid, w, quota, drop)
+        if quota is not None:  # split over workers
+            batches = islice(batches, max(0, quota - self.position.batches))
         return self._closing(batches, wid)
 
     def _closing(self, batches: Iterator[dict[str, Any]], wid: str) -> Iterator[dict[str, Any]]:
@@ -202,6 +227,32 @@ class ShardStream(IterableDataset):
         if buf and not self.cfg.train:  # drop_last for training only
             yield from self._collate(buf, epoch, wid, w)
 
+    def _bucketed(self, samples: Iterator[Any], epoch: int, wid: str, w: int, quota: int | None,
+                  drop: int = 0) -> Iterator[dict[str, Any]]:
+        """Training batches of similar length: each window of decoded samples is sorted, cut and shuffled by
+        :class:`LengthBuckets`; the first ``drop`` batches of the first window were made before a resume."""
+        assert self.buckets is not None and isinstance(self.position, WindowPosition)
+        pos, bs = self.position, self.cfg.batch_size
+        while True:
+            want = self.buckets.window_batches(pos.window, quota) * bs
+            buf = list(islice(samples, want))
+            # a one-pass stream's end: drop the last partial batch in stream order, as without bucketing
+            buf = buf[: len(buf) // bs * bs]
+            if not buf:
+                return
+            rng = random.Random(stable_seed("length-buckets", self.cfg.seed, epoch, self.rank, w, pos.window))
+            batches = self.buckets.batches(buf, rng)
+            for i, batch in enumerate(batches):
+                pos.window_batches = i + 1
+                if i + 1 == len(batches):  # the window is done: a resume from here starts with the next one
+                    pos.window += 1
+                    pos.window_raw, pos.window_skipped, pos.window_batches = pos.raw, pos.skipped, 0
+                if i >= drop:  # (the first ones of a resumed window were made before the checkpoint)
+                    yield from self._collate(self._batch_order(batch, epoch, wid), epoch, wid, w)
+            drop = 0
+            if len(buf) < want:
+                return
+
     def _batch_order(self, buf: list[Any], epoch: int, wid: str) -> list[Any]:
         if self.arrange is None:
             return buf
@@ -226,11 +277,12 @@ class ShardStream(IterableDataset):
     def _skip(self, wid: str, url: str, key: str | None, err: object) -> None:
         self.position.skipped += 1
         self._failures += 1
-        if self.skip_counts is not None and self.cfg.train:
-            self.skip_counts.add(self._w)
-        record = {"split": "train" if self.cfg.train else "val", "rank": self.rank, "epoch": self._epoch,
-                  "raw": self.position.raw}
-        self._skip_log(wid, url, key, err, self.position.skipped, record)
+        if self.position.raw > self._replay_raw:  # else a resumed window's sample, shared and logged before
+            if self.skip_counts is not None and self.cfg.train:
+                self.skip_counts.add(self._w)
+            record = {"split": "train" if self.cfg.train else "val", "rank": self.rank, "epoch": self._epoch,
+                      "raw": self.position.raw}
+            self._skip_log(wid, url, key, err, self.position.skipped, record)
         if self._failures >= MAX_CONSECUTIVE_FAILURES:  # fail loudly instead of spinning over bad data
             raise RuntimeError(f"worker {wid}: {self._failures} samples in a row failed; last: {key!r} of "
                                f"{url}: {err}")

@@ -2,18 +2,21 @@
 the current weights on all ranks of the job (the code of ``muco mine``), swaps the DataModule's mined negatives
 and carries on: one job, no restarts, the model never re-read from disk.
 
-A round is ``epochs_per_round`` epochs of ``data.samples_per_epoch`` samples; the difficulty schedule says which
-rank band each round draws (the same stages as a rounds file: ``from_round`` >= 2, round 1 trains with the data
-config as given). After the last epoch of round r, when round r+1 draws negatives (and, with ``remine: false``,
-only before the first such round), every rank embeds its share of the training shards' query turns and target
-texts and rank 0 writes the sidecar to ``<run dir>/rounds/after_round<r>/``, the same file ``muco mine`` writes for
-a checkpoint of these weights. Then every rank loads it, and the next epoch's dataloader (Lightning reloads it
-every epoch: ``trainer.reload_dataloaders_every_n_epochs`` is set to 1) draws from it.
+A round is ``epochs_per_round`` data epochs of ``data.samples_per_epoch`` samples; the difficulty schedule says
+which rank band each round draws (the same stages as a rounds file: ``from_round`` >= 2, round 1 trains with the
+data config as given). When the first data epoch of round r+1 begins (the DataModule's epoch listener, before its
+workers start: every batch of round r is trained) and round r+1 draws negatives (with ``remine: false`` only
+before the first such round), every rank embeds its share of the training shards' query turns and target texts,
+and rank 0 writes the sidecar to ``<run dir>/rounds/after_round<r>/``: the same file ``muco mine`` writes for a
+checkpoint of these weights. Every rank then loads it and the epoch draws from it. Lightning rebuilds the train
+dataloader every epoch (``trainer.reload_dataloaders_every_n_epochs`` is set to 1), so no worker keeps old ones.
+Rounds count data epochs, not the trainer's: resumed from a checkpoint written at an epoch's last batch,
+Lightning numbers the following epochs one higher than the uninterrupted run.
 
 The callback's state (the round the next batch trains in, the sidecars mined so far) is part of every
-checkpoint, so a preempted job resumes in its round with the same negatives and τ. A checkpoint written at the
-last batch of a round, before the epoch ended, resumes into that epoch's end, which mines then. Mining does
-not move the training random state (it runs under a forked RNG).
+checkpoint, so a preempted job resumes in its round with the same negatives and τ; resumed at a round's last
+batch, it mines when the next epoch begins, with the same weights. Mining does not move the training random
+state (it runs under a forked RNG).
 
 Not under FSDP2 (``ModelParallelStrategy``): mining runs each rank's own, unequal number of forwards, which a
 sharded model cannot; ``muco rounds`` (one job per phase) covers that case.
@@ -113,6 +116,8 @@ class InFitRounds(Callback):
         trainer.reload_dataloaders_every_n_epochs = 1
         self._trainer = trainer
         self._data_negatives = dm.records.negatives
+        # data epochs, not the trainer's: resumed at an epoch's last batch, Lightning numbers epochs one higher
+        dm.add_epoch_listener(lambda epoch: self._enter(trainer, pl_module, epoch))
         self._apply(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
@@ -129,23 +134,21 @@ class InFitRounds(Callback):
         if self._trainer is not None:
             self._apply(self._trainer, self._trainer.lightning_module)
 
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
         pl_module.log("rounds/round", float(self.round), batch_size=1)
 
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        finished = (trainer.current_epoch + 1) // self.epochs_per_round
-        if (trainer.current_epoch + 1) % self.epochs_per_round or finished != self.round:
+    def _enter(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> None:
+        """A training iterator of data epoch ``epoch`` begins: make the negatives and τ those of its round. In a
+        new round the current weights are the previous round's final ones (every batch before this epoch was
+        trained): mine with them first if the new round needs it."""
+        round_ = epoch // self.epochs_per_round + 1
+        if round_ == self.round:
             return
-        progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        if progress.ready < trainer.num_training_batches or trainer.should_stop:
-            return  # stopped inside the epoch (preemption): the round is not over
-        if (trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps) or (
-                trainer.max_epochs is not None and trainer.max_epochs >= 0
-                and trainer.current_epoch + 1 >= trainer.max_epochs):
-            return  # training is over: no next round to mine for
+        finished = round_ - 1
         if self.schedule.mines_after(finished, self.remine) and finished not in self.sidecars:
             self.sidecars[finished] = self._mine(trainer, pl_module, finished)
-        self.round = finished + 1
+        self.round = round_
         self._apply(trainer, pl_module)
 
     # -- rounds -----------------------------------------------------------------------------------------

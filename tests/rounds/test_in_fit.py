@@ -95,7 +95,7 @@ def test_round_boundary_mines_what_muco_mine_mines_and_later_rounds_train_with_i
     assert all(v > 0.5 for v in negs.values())
     taus = dict(s["train/temperature"])
     assert [taus[k] for k in sorted(taus)] == pytest.approx([0.05] * 4 + [0.03] * 8)
-    assert [v for _, v in sorted(s["rounds/round"])] == [1, 2, 3]
+    assert [v for _, v in sorted(s["rounds/round"])] == [1] * 4 + [2] * 4 + [3] * 4
     assert all(math.isfinite(v) for _, v in s["rounds/mined_mean_pos_sim"])
 
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["callbacks"]
@@ -116,6 +116,22 @@ def test_stopped_in_round_2_resumes_in_round_2_with_the_same_negatives(three_rou
     assert_same_negatives(run / "rounds" / "after_round2", full / "rounds" / "after_round2")
     a, b = read_scalars(full), read_scalars(run)
     for key in ("train/loss", "train/neg_valid_frac", "train/temperature"):
+        assert dict(b[key]) == pytest.approx(dict(a[key]), abs=1e-6), key
+
+
+def test_stopped_at_the_last_batch_of_round_1_mines_on_resume_what_the_uninterrupted_run_mined(three_rounds):
+    # the checkpoint is written at step 4, the last batch of the epoch, before the epoch ended: Lightning resumes
+    # into the next epoch and numbers it one higher; rounds follow the data epochs
+    tmp, _, cfg, full, _ = three_rounds
+    run = tmp / "boundary"
+    fit(tmp, cfg, run, "--trainer.max_steps=4")
+    assert not (run / "rounds").exists()  # training was over: nothing mined
+    res = fit(tmp, cfg, run, "--trainer.max_steps=12")
+    assert "round 1 over at step 4" in res.stderr
+    for r in (1, 2):
+        assert_same_negatives(run / "rounds" / f"after_round{r}", full / "rounds" / f"after_round{r}")
+    a, b = read_scalars(full), read_scalars(run)
+    for key in ("train/loss", "train/temperature", "rounds/round"):
         assert dict(b[key]) == pytest.approx(dict(a[key]), abs=1e-6), key
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
 from muco.data.kinds import RecordKind
-from muco.data.pairs.collate import FinetuneCollator
+from muco.data.length_buckets import text_tokens, visual_tokens
+from muco.data.pairs.collate import FinetuneCollator, PairSample
 from muco.data.pairs.decode import PairDecoder
 from muco.data.pairs.masking import MaskingConfig
 from muco.inputs.image_policy import ImagePolicy
@@ -41,9 +43,28 @@ class PairRecords(RecordKind):
     def collator(self, tokenizer: PreTrainedTokenizerBase, policy: ImagePolicy) -> FinetuneCollator:
         return FinetuneCollator(tokenizer, policy)
 
+    def length_key(self, policy: ImagePolicy) -> PairLength:
+        return PairLength(policy)
+
     def init_args(self) -> dict[str, Any]:
         m = self.masking
         return {"mask_ratio": m.ratio, "full_mask_prob": m.full_mask_prob, "collapse_mask_runs": m.collapse_runs}
 
     def describe(self) -> str:
         return "pairs"
+
+
+@dataclass(frozen=True)
+class PairLength:
+    """A decoded pair's length for ``data.length_bucketing``: the estimated tokens of the longest of its
+    sequences (query: its image, text and the masked positive; target: likewise; the negative), as
+    :class:`~muco.data.m3t.kind.M3TLength` orders M3T samples by their longer sequence."""
+
+    policy: ImagePolicy
+
+    def __call__(self, s: PairSample) -> int:
+        def tokens(image: Any, *texts: str | None) -> int:
+            return visual_tokens(image, self.policy) + text_tokens(texts)
+
+        return max(tokens(s.qry_image, s.qry_text, s.masked_pos), tokens(s.pos_image, s.pos_text, s.masked_qry),
+                   tokens(s.neg_image, s.neg_text))
