@@ -1,5 +1,6 @@
 """The fine-grained benchmark: deterministic scenes, enough distinct targets, candidate lists one detail apart,
-shards through the real DataModule, random negatives in the sidecar format, and static (`remine: false`) rounds."""
+shards through the real DataModule, random negatives in the sidecar format, static (`remine: false`) rounds and
+the in-fit rounds config."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from muco.rounds.config import RoundsConfig, RoundsConfigError
 from muco.rounds.random_negatives import random_negatives, read_targets
 from muco.rounds.runner import RoundsRunner
 from tests.data.builders import m3t_data
+from tests.train.conftest import read_scalars, run_muco
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = {"train_scenes": 120, "val_scenes": 20, "eval_queries": 24, "samples_per_shard": 50}
@@ -184,3 +186,23 @@ def test_the_static_arm_runs_end_to_end(fg_small, tmp_path):
     run = tmp_path / raw["run_dir"]
     assert (run / "round1" / "negatives").is_dir() and not (run / "round2" / "negatives").exists()
     assert len(list(run.glob("round3/**/last.ckpt"))) == 1
+
+
+def test_the_in_fit_config_mines_at_the_round_boundary_and_trains_round_2(fg_small, tmp_path):
+    # configs/finegrained_in_fit.yaml as shipped, on the small build, one step per round
+    configs = [a for name in ("demo", "finegrained", "finegrained_in_fit")
+               for a in ("--config", str(REPO / "configs" / f"{name}.yaml"))]
+    res = run_muco("fit", *configs,
+                   "--data.init_args.train_shards", str(fg_small / "train" / "manifest.json"),
+                   "--data.init_args.val_shards", str(fg_small / "val" / "manifest.json"),
+                   "--model.init_args.val_tasks", str(fg_small / "eval" / "tasks.yaml"),
+                   "--model.init_args.val_task_limit", "8", "--trainer.limit_val_batches", "1",
+                   "--data.init_args.batch_size", "8", "--data.init_args.samples_per_epoch", "8",
+                   "--data.init_args.num_workers", "0", "--trainer.max_steps", "2", "--trainer.log_every_n_steps", "1",
+                   "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "run"),
+                   cwd=tmp_path, timeout=400)
+    assert res.returncode == 0, res.stderr[-4000:]
+    sidecar = tmp_path / "run" / "rounds" / "after_round1"
+    assert read_sidecar_manifest(sidecar)["num_query_turns"] == SMALL["train_scenes"] * len(fg.TURNS)
+    negs = dict(read_scalars(tmp_path / "run")["train/neg_valid_frac"])
+    assert list(negs) == [1] and negs[1] > 0.5  # round 2 (step 2) drew the mined negatives, round 1 none
