@@ -82,11 +82,10 @@ def three_rounds(tmp_path_factory, demo_data):
 def test_round_boundary_mines_what_muco_mine_mines_and_later_rounds_train_with_it(three_rounds):
     tmp, shards, _, run, res = three_rounds
     for r in (1, 2):
-        side = run / "rounds" / f"after_round{r}"
-        manifest = read_sidecar_manifest(side)
+        manifest = read_sidecar_manifest(run / "rounds" / f"after_round{r}")
         assert manifest["settings"]["global_step"] == r * STEPS_PER_ROUND
-        mine_checkpoint(tmp, ckpt_at(run, r * STEPS_PER_ROUND), shards, tmp / f"mined{r}")
-        assert_same_negatives(side, tmp / f"mined{r}")
+    mine_checkpoint(tmp, ckpt_at(run, STEPS_PER_ROUND), shards, tmp / "mined")
+    assert_same_negatives(run / "rounds" / "after_round1", tmp / "mined")
     assert not (run / "rounds" / "after_round3").exists()  # training ended with round 3: nothing to mine for
 
     s = read_scalars(run)
@@ -110,13 +109,12 @@ def test_stopped_in_round_2_resumes_in_round_2_with_the_same_negatives(three_rou
     first = (run / "rounds" / "after_round1" / "manifest.json").stat().st_mtime_ns
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["global_step"] == 6 and state["callbacks"]["InFitRounds"]["round"] == 2
-    res = fit(tmp, cfg, run, "--trainer.max_steps=12")
+    res = fit(tmp, cfg, run, "--trainer.max_steps=8")
     assert "resuming from" in res.stderr and "round 2 (from epoch 1)" in res.stderr
     assert (run / "rounds" / "after_round1" / "manifest.json").stat().st_mtime_ns == first  # not mined again
-    assert_same_negatives(run / "rounds" / "after_round2", full / "rounds" / "after_round2")
     a, b = read_scalars(full), read_scalars(run)
     for key in ("train/loss", "train/neg_valid_frac", "train/temperature"):
-        assert dict(b[key]) == pytest.approx(dict(a[key]), abs=1e-6), key
+        assert dict(b[key]) == pytest.approx({k: v for k, v in a[key] if k < 8}, abs=1e-6), key
 
 
 def test_stopped_at_the_last_batch_of_round_1_mines_on_resume_what_the_uninterrupted_run_mined(three_rounds):
@@ -126,13 +124,12 @@ def test_stopped_at_the_last_batch_of_round_1_mines_on_resume_what_the_uninterru
     run = tmp / "boundary"
     fit(tmp, cfg, run, "--trainer.max_steps=4")
     assert not (run / "rounds").exists()  # training was over: nothing mined
-    res = fit(tmp, cfg, run, "--trainer.max_steps=12")
+    res = fit(tmp, cfg, run, "--trainer.max_steps=8")
     assert "round 1 over at step 4" in res.stderr
-    for r in (1, 2):
-        assert_same_negatives(run / "rounds" / f"after_round{r}", full / "rounds" / f"after_round{r}")
+    assert_same_negatives(run / "rounds" / "after_round1", full / "rounds" / "after_round1")
     a, b = read_scalars(full), read_scalars(run)
-    for key in ("train/loss", "train/temperature", "rounds/round"):
-        assert dict(b[key]) == pytest.approx(dict(a[key]), abs=1e-6), key
+    for key in ("train/loss", "train/neg_valid_frac", "train/temperature", "rounds/round"):
+        assert dict(b[key]) == pytest.approx({k: v for k, v in a[key] if k < 8}, abs=1e-6), key
 
 
 def test_two_ranks_mine_the_sidecar_one_process_mines(tmp_path, demo_data):
