@@ -28,12 +28,20 @@ glibc is told to keep freed memory (``keep_freed_memory``), as CUDA's caching al
 large tensor faults in fresh pages each step, which costs K=7 more than K=1 (``--no-malloc-cache``).
 Per-K pairs/s use the median step; the headline ratio is the median over repetitions of the paired ratio.
 
-The last line reads ``ratio=<measured pairs/s K=7 / K=1> flop_ratio=<pairs per FLOP K=7 / K=1, paper count>``.
+MFU (model FLOPs utilisation, on CUDA): the ``trained`` count without recomputation over the unpadded tokens
+(the model's useful work) per second of model time (the step without collation, which the trainer's loader
+workers overlap), over the peak dense bf16 rate of the GPU (H100/H200 989 TFLOP/s, A100 312; ``--peak-tflops``
+for others). HFU: the same for the ``exec`` count with the recomputation of ``--grad-ckpt`` (what ran).
+
+The last line reads ``ratio=<measured pairs/s K=7 / K=1> flop_ratio=<pairs per FLOP K=7 / K=1, paper count>``;
+the one before it ``mfu K=7=<%> K=1=<%>`` (``n/a`` without a known peak).
 
     python benchmarks/bench_turns.py                               # cpu-2b-shape, 3 images/batch, ~1.5-2.5 min
     python benchmarks/bench_turns.py --preset tiny --images 8
     python benchmarks/bench_turns.py --short-side 320 --reps 2     # quick run (~170 visual tokens per image)
     python benchmarks/bench_turns.py --grad-ckpt                   # as every recipe config trains
+    python benchmarks/bench_turns.py --device cuda --preset 2b --bf16 --dtype bfloat16 --grad-ckpt --images 16 \
+        --reps 10 --attn flash_attention_2                         # the 2B recipe step's MFU (gpu_check.sh)
 """
 
 from __future__ import annotations
@@ -71,6 +79,18 @@ from muco.train.optim import param_groups  # noqa: E402
 # A trial preset (registered into muco's preset table at run time only; proposed as the new `cpu-2b-shape`):
 PHASES = ("collate", "vision", "embed", "llm", "glue", "loss", "backward", "optim")
 TURNS = (7, 1)
+# dense bf16 tensor-core peak, FLOP/s, by a substring of torch.cuda.get_device_name (SXM parts; first match wins)
+PEAK_BF16 = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12))
+
+
+def peak_flops(device: torch.device, override_tflops: float | None = None) -> tuple[float | None, str]:
+    """(peak dense bf16 FLOP/s or None, device name) for the MFU denominator."""
+    if device.type != "cuda":
+        return (override_tflops * 1e12 if override_tflops else None), "cpu"
+    name = torch.cuda.get_device_name(device)
+    if override_tflops:
+        return override_tflops * 1e12, name
+    return next((v for k, v in PEAK_BF16 if k in name), None), name
 
 
 def preset_dims(name: str) -> dict:
@@ -217,7 +237,8 @@ def main(argv: list[str] | None = None) -> float:
     presets = sorted(backbone_mod.PRESETS)
     ap.add_argument("--preset", default="cpu-2b-shape", choices=presets)
     ap.add_argument("--images", type=int, default=3, help="images per batch (equal for both K)")
-    ap.add_argument("--reps", type=int, default=4, help="timed steps per K (after one warm-up step each)")
+    ap.add_argument("--reps", type=int, default=4, help="timed steps per K (after the warm-up steps)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps per K")
     ap.add_argument("--policy", default="pretrain", choices=sorted(POLICIES), help="image resolution policy")
     ap.add_argument("--short-side", type=int, default=None,
                     help="override the policy's short side (e.g. 320 for a quick run); photos are cut to it")
@@ -226,7 +247,12 @@ def main(argv: list[str] | None = None) -> float:
     ap.add_argument("--grad-ckpt", action="store_true",
                     help="gradient checkpointing (non-reentrant), as in every recipe config")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward (loss stays fp32)")
-    ap.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"))
+    ap.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"),
+                    help="attention kernel (flash_attention_2 needs the flash_attn package and a CUDA device)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="backbone weights dtype (the 2B recipe keeps the frozen base in bfloat16)")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="peak dense bf16 TFLOP/s for MFU (default: by GPU name, H100/H200 989, A100 312)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--clock", default="cpu", choices=("cpu", "wall"),
                     help="cpu: process CPU time (robust on a shared machine; use with --threads 1); wall: wall time")
@@ -263,7 +289,8 @@ def main(argv: list[str] | None = None) -> float:
     tok = qwen_offline_tokenizer()
     lora_r = args.lora_r if args.lora_r is not None else default_lora_r(args.preset)
     cfg = BackboneConfig(preset=args.preset, adapter=AdapterConfig(r=lora_r, alpha=lora_r),
-                         gradient_checkpointing=args.grad_ckpt, attn_implementation=args.attn, seed=args.seed)
+                         gradient_checkpointing=args.grad_ckpt, attn_implementation=args.attn, seed=args.seed,
+                         dtype=args.dtype)
     backbone = build_backbone(cfg, tok)
     embedder = Embedder(backbone, SpecialTokenIds.from_tokenizer(tok).emb).to(device).train()
     opt = None if args.no_optim else torch.optim.AdamW(param_groups(embedder, 0.01), lr=5e-5)
@@ -276,7 +303,8 @@ def main(argv: list[str] | None = None) -> float:
     print(f"preset={args.preset} lora_r={lora_r} params={n_params / 1e6:.1f}M trainable={n_train / 1e6:.2f}M "
           f"images/batch={args.images} reps={args.reps} policy={args.policy} short_side={side} "
           f"threads={torch.get_num_threads()} clock={args.clock} malloc_cache={not args.no_malloc_cache} "
-          f"bf16={args.bf16} grad_ckpt={args.grad_ckpt} optim={opt is not None} "
+          f"bf16={args.bf16} grad_ckpt={args.grad_ckpt} optim={opt is not None} attn={args.attn} "
+          f"dtype={args.dtype} "
           f"(setup {time.perf_counter() - start:.1f} s)")
 
     def batch_for(rep: int) -> tuple[list, list, list[str]]:
@@ -286,10 +314,11 @@ def main(argv: list[str] | None = None) -> float:
     phases: dict[int, list[dict[str, float]]] = {k: [] for k in TURNS}
     shapes: dict[int, list[StepShape]] = {k: [] for k in TURNS}
     faults: dict[int, list[tuple[int, float]]] = {k: [] for k in TURNS}
-    for k in TURNS:  # warm-up, not counted
-        recs, ims, keys = batch_for(-1)
-        train_step(embedder, collator, make_samples(recs, ims, keys, k, args.seed, -1), opt, clock, args.bf16,
-                   device)
+    for w in range(args.warmup):  # not counted
+        recs, ims, keys = batch_for(-1 - w)
+        for k in TURNS:
+            train_step(embedder, collator, make_samples(recs, ims, keys, k, args.seed, -1 - w), opt, clock,
+                       args.bf16, device)
     for rep in range(args.reps):
         recs, ims, keys = batch_for(rep)
         for k in TURNS if rep % 2 == 0 else TURNS[::-1]:
@@ -425,7 +454,20 @@ def main(argv: list[str] | None = None) -> float:
 
     if device.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+    peak, dev_name = peak_flops(device, args.peak_tflops)
+    mfu = {}
+    print(f"\nMFU on {dev_name} (peak bf16 {f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown'}; model time, "
+          f"no collation; attn={args.attn})")
+    for k in TURNS:
+        secs = sum(model_t[k])
+        model_f = sum(step_flops(arch, s, "trained") for s in shapes[k])  # useful work: no recompute, no padding
+        hw_f = sum(step_flops(arch, s, "trained", True, args.grad_ckpt) for s in shapes[k])
+        mfu[k] = model_f / secs / peak if peak else None
+        pct = (lambda x: f"{x:.1%}") if peak else (lambda x: "n/a")
+        print(f"  K={k}: model {model_f / secs / 1e12:8.3g} TFLOP/s  MFU {pct(model_f / secs / (peak or 1))}   "
+              f"exec+recompute {hw_f / secs / 1e12:8.3g} TFLOP/s  HFU {pct(hw_f / secs / (peak or 1))}")
     print(f"(total runtime {time.perf_counter() - start:.0f} s)")
+    print("mfu " + " ".join(f"K={k}={mfu[k]:.1%}" if mfu[k] is not None else f"K={k}=n/a" for k in TURNS))
     print(f"ratio={ratio:.2f} flop_ratio={flop_ratio:.2f}")
     return ratio
 
