@@ -17,7 +17,7 @@ the actual token counts, attention's quadratic term included:
 * ``exec``    ``trained`` over padded widths with full-square attention (what the CPU kernels multiply).
 
 Phases (CPU execution is synchronous, so hook and call timings are exact): collate, vision forward (hooks on
-``visual``), input embedding (hooks on the PEFT-wrapped ``embed_tokens``), LLM forward (hooks on
+``visual``), input embedding (hooks on ``embed_tokens``, the TokenRows layer), LLM forward (hooks on
 ``language_model``, query + target), glue (the rest of the embedder forward: uint8 -> float pixels, M-RoPE
 index, image scatter, pooling), loss, backward (LLM only: the frozen vision tower stays out of autograd, with
 ``--grad-ckpt`` too; the run checks that no vision output required grad), optimizer step.
@@ -115,7 +115,7 @@ class PhaseClock:
         self.vision_calls = self.vision_in_graph = 0
         qwen = unwrap_qwen2vl(model)
         qwen.visual.register_forward_hook(self._vision_output)
-        # the input embedding (PEFT's trainable-token wrapper) runs outside `language_model`, which gets
+        # the input embedding (TokenRows: frozen table + the two trained rows) runs outside `language_model`, which gets
         # `inputs_embeds` from `Qwen2VLModel.forward`
         for name, mod in (("vision", qwen.visual), ("embed", qwen.get_input_embeddings()),
                           ("llm", qwen.language_model)):
@@ -147,7 +147,7 @@ def keep_freed_memory() -> bool:
     """glibc: serve every allocation from the heap and never trim it, so freed tensors' pages are reused.
 
     PyTorch's CPU allocator has no cache; glibc mmaps large blocks and unmaps them on free, so each step's big
-    tensors (activations, PEFT's full embedding copy and its dense gradient) fault in fresh zeroed pages, which
+    tensors (activations, their gradients) fault in fresh zeroed pages, which
     is slow in this VM. CUDA's caching allocator never pays this, so the benchmark emulates it by default.
     """
     import ctypes
