@@ -2,7 +2,8 @@
 
     muco mine --model runs/x/checkpoints/last.ckpt --shards data/m3t/manifest.json --output runs/x/mined \\
         [--top-k 100] [--margin 0.05] [--max-ratio R] [--extra N] [--batch-size 16] [--device cuda] \\
-        [--devices N] [--image-policy train] [--query-chunk 1024] [--corpus-chunk 16384] [--overwrite]
+        [--devices N] [--image-policy train] [--query-chunk 1024] [--corpus-chunk 16384] [--overwrite] \
+        [--query-draws canonical|train --draw-epoch E [--draw-seed S]]
 
 Writes the sidecar directory of :mod:`muco.data.m3t.sidecar` (one line per sample and stored turn, negatives with
 rank and similarity) and prints the summary. A directory already holding a complete sidecar with the same
@@ -11,6 +12,11 @@ model, shards and settings is left alone (``--overwrite`` mines again). ``--devi
 the target embeddings; its query turns visit every process's share in a ring (:mod:`muco.mine.ring`); rank 0
 writes the sidecar. The result equals the single-process one, line for line. On CUDA the candidate search
 multiplies in bf16 and the kept candidates are re-scored exactly in fp32 (:mod:`muco.mine.search`).
+
+``--query-draws train --draw-epoch E`` mines the query sequences training draws in data epoch E (the turns, their
+order and candidate queries of :meth:`muco.data.m3t.decode.M3TDecoder.draw`, with the checkpoint's ``data.seed``
+and ``data.records.turn_order``; ``--draw-seed`` overrides the seed) instead of the stored order with the first
+candidate query; turns not drawn in E are mined canonically in further sequences (:mod:`muco.mine.embed`).
 
 The pipeline itself is :mod:`muco.mine.pipeline`; this module turns the command line into its call.
 """
@@ -33,6 +39,7 @@ from muco.mine.pipeline import (
     MineConfig,
     is_complete,
     mine,
+    resolve_draw_seed,
     resolve_image_policy,
     resolve_turns_per_sequence,
     settings,
@@ -68,6 +75,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--turns-per-sequence", default="train",
                    help="query turns per sequence: train (the checkpoint's data.records.turns_per_sample, else all), "
                         "all, or a number")
+    p.add_argument("--query-draws", choices=["canonical", "train"], default="canonical",
+                   help="canonical: stored turn order, first candidate query; train: the turns and candidate "
+                        "queries training draws in data epoch --draw-epoch")
+    p.add_argument("--draw-epoch", type=int, default=None,
+                   help="with --query-draws train: the data epoch to draw for (the first epoch of the next round)")
+    p.add_argument("--draw-seed", type=int, default=None,
+                   help="with --query-draws train: the data seed (default: the checkpoint's data.seed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--overwrite", action="store_true", help="mine again even if the output is complete")
     args = p.parse_args(argv)
@@ -78,6 +92,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--num-workers and --extra must be >= 0")
     if args.image_policy not in ("train", "model", *PRESETS):
         p.error(f"--image-policy must be train, model or one of {sorted(PRESETS)}")
+    if args.query_draws == "train" and (args.draw_epoch is None or args.draw_epoch < 0):
+        p.error("--query-draws train needs --draw-epoch >= 0 (the data epoch whose draws to mine)")
+    if args.query_draws == "canonical" and (args.draw_epoch is not None or args.draw_seed is not None):
+        p.error("--draw-epoch and --draw-seed go with --query-draws train")
     return args
 
 
@@ -99,6 +117,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     shard_set = resolve_shards(args.shards)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    draws: dict = {}
+    if args.query_draws == "train":
+        try:
+            seed, order = resolve_draw_seed(args.model, args.draw_seed)
+        except ValueError as e:
+            raise SystemExit(f"muco mine: {e} (--draw-seed)") from e
+        draws = {"query_draws": "train", "draw_seed": seed, "draw_epoch": args.draw_epoch, "turn_order": order}
     cfg = MineConfig(
         model=args.model, shards=tuple(shard_set.urls), output=args.output, top_k=args.top_k,
         margin=None if args.margin < 0 else args.margin, max_ratio=args.max_ratio, extra=args.extra,
@@ -106,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         turns_per_sequence=resolve_turns_per_sequence(args.model, _turns_choice(args.turns_per_sequence)),
         autocast=args.autocast or ("bfloat16" if device.type == "cuda" else "none"), batch_size=args.batch_size,
         query_chunk=args.query_chunk, corpus_chunk=args.corpus_chunk, num_workers=args.num_workers,
-        num_samples=shard_set.num_samples, progress=not args.no_progress,
+        num_samples=shard_set.num_samples, progress=not args.no_progress, **draws,
     )
     out = Path(args.output)
     # decided before any process starts (and again, identically, by every rank the launcher starts)

@@ -7,6 +7,17 @@ this one canonical choice so a sidecar is reproducible and its ``turn`` field is
 trained with K < 7 turns per sequence is mined with its own K (``turns_per_sequence``): the stored turns are cut
 into consecutive sequences of K turns, each with the image in its first turn, so no turn sits at a position
 the model never trained.
+
+**Training's draws** (``draws=TrainDraws(seed, epoch, ...)``, ``muco mine --query-draws train``). Instead of the
+canonical choice, each sample's first query sequence is the one the training decoder draws for it in data epoch
+``epoch`` of a run with data seed ``seed`` (:meth:`muco.data.m3t.decode.M3TDecoder.draw`: the same K turns, their
+order and candidate queries), so the next round's negatives are mined for the sequences it will train on. When
+K is below the record's turn count, the turns not drawn in that epoch are still mined (a later epoch of the round
+draws them): in further sequences of up to K turns, in stored order with their first candidate query (the
+canonical choice). Either way the pooled rows are put back in stored turn order per sample, so a sidecar row is
+still keyed by (key, stored turn) and training looks negatives up unchanged. With ``turn_order="batch"`` training
+permutes whole batches after decoding (an order mining cannot know), so the drawn subset is mined in stored order.
+
 Images are decoded with the training data's ``load_image`` under the training image policy.
 
 **Targets (the corpus).** Every unique target text once, with the single-turn template ``BASE(t)`` (text only,
@@ -41,7 +52,7 @@ from tqdm import tqdm
 
 from muco.data.images import load_image
 from muco.data.m3t.collate import PretrainCollator, PretrainSample
-from muco.data.m3t.decode import record_and_image
+from muco.data.m3t.decode import M3TDecoder, record_and_image
 from muco.data.m3t.records import M3TRecord
 from muco.data.skips import SkipLog
 from muco.data.stream import MAX_CONSECUTIVE_FAILURES
@@ -57,6 +68,54 @@ def canonical_turns(record: M3TRecord) -> tuple[list[str], list[str]]:
     return [t.queries[0] for t in record.turns], [t.target for t in record.turns]
 
 
+@dataclass(frozen=True)
+class TrainDraws:
+    """Mine the query turns training draws in data epoch ``epoch`` of a run with data seed ``seed``, K turns per
+    sequence (``turns_per_sequence``; None: all of a record's turns) and ``turn_order`` (``data.records``)."""
+
+    seed: int
+    epoch: int
+    turn_order: str = "sample"
+
+    def decoder(self, image_policy: ImagePolicy, turns: int) -> M3TDecoder:
+        """The training decoder that draws K = ``turns`` turns (no length bounds or negatives: only its draw)."""
+        return M3TDecoder(image_policy, turns, seed=self.seed, turn_order=self.turn_order)
+
+
+@dataclass
+class MineSample:
+    """One sample to mine: its query ``sequences`` (collator inputs, embedded in this order), the stored turn
+    index of each of their turns (sequence-major) and its targets in stored order."""
+
+    key: str
+    sequences: list[PretrainSample]
+    turns: list[int]
+    targets: list[str]
+
+
+def mine_sequences(record: M3TRecord, image: Any, turns_per_sequence: int | None = None,
+                   draws: TrainDraws | None = None, image_policy: ImagePolicy | None = None) -> MineSample:
+    """The query sequences mined for ``record`` (see the module docstring): canonical runs of K stored turns,
+    or (``draws``) the training decoder's draw for the epoch followed by runs of K of the undrawn turns."""
+    queries, targets = canonical_turns(record)
+    n = len(targets)
+    k = turns_per_sequence or n
+    first: list[int] = []
+    runs: list[tuple[list[str], list[int]]] = []
+    if draws is not None:
+        if image_policy is None:
+            raise ValueError("mining training's draws needs the image policy (the training decoder's)")
+        # K above the record's turns: training skips such a sample; mining draws all of them (rows stay complete)
+        drawn_q, _, first = draws.decoder(image_policy, min(k, n)).draw(record, draws.epoch)
+        runs.append((drawn_q, first))
+    drawn = set(first)
+    rest = [i for i in range(n) if i not in drawn]
+    runs += [([queries[i] for i in rest[j : j + k]], rest[j : j + k]) for j in range(0, len(rest), k)]
+    seqs = [PretrainSample(key=record.key, image=image, queries=q, targets=[targets[i] for i in t])
+            for q, t in runs]
+    return MineSample(record.key, seqs, [i for _, t in runs for i in t], targets)
+
+
 class MineStream(IterableDataset):
     """One pass over the shards in a fixed order, yielding collated batches of this rank's share of samples:
     batch ``j`` of shard ``s`` (positions ``[j * batch_size, (j + 1) * batch_size)``, bad samples left out) when
@@ -69,7 +128,8 @@ class MineStream(IterableDataset):
     """
 
     def __init__(self, urls: Sequence[str], collator: PretrainCollator, image_policy: ImagePolicy,
-                 batch_size: int, rank: int = 0, world_size: int = 1, turns_per_sequence: int | None = None) -> None:
+                 batch_size: int, rank: int = 0, world_size: int = 1, turns_per_sequence: int | None = None,
+                 draws: TrainDraws | None = None) -> None:
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -77,18 +137,17 @@ class MineStream(IterableDataset):
             raise ValueError(f"turns_per_sequence must be >= 1, got {turns_per_sequence}")
         self.urls, self.collator, self.image_policy, self.batch_size = list(urls), collator, image_policy, batch_size
         self.mine_rank, self.mine_world = rank, world_size
-        self.turns_per_sequence = turns_per_sequence
+        self.turns_per_sequence, self.draws = turns_per_sequence, draws
         self.skipped = self.samples = 0
         self._failures = 0
         self._wid = ""
         self._skip_log = SkipLog()
         self._read_tar = TarReader(self._tar_error, "the shards")  # a bound method: picklable into spawn workers
 
-    def decode(self, raw: dict[str, Any]) -> PretrainSample:
+    def decode(self, raw: dict[str, Any]) -> MineSample:
         record, image = record_and_image(raw)
-        queries, targets = canonical_turns(record)
-        return PretrainSample(key=record.key, image=load_image(image, self.image_policy), queries=queries,
-                              targets=targets)
+        return mine_sequences(record, load_image(image, self.image_policy), self.turns_per_sequence, self.draws,
+                              self.image_policy)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -96,7 +155,7 @@ class MineStream(IterableDataset):
         wid = self._wid = f"mine-r{self.mine_rank}w{w}"
         urls = self.urls
         for s in range(w, len(urls), nw):
-            buf: list[tuple[PretrainSample, int, int]] = []
+            buf: list[tuple[MineSample, int, int]] = []
             for pos, raw in enumerate(self._read_tar(urls[s], wid)):
                 if pos % self.batch_size == 0 and buf:  # batch (s, pos // batch_size - 1) is complete
                     yield from self._mine_batch(buf, wid)
@@ -126,15 +185,9 @@ class MineStream(IterableDataset):
             raise RuntimeError(f"worker {wid}: {self._failures} samples in a row failed; last: {key!r} of "
                                f"{url}: {err}")
 
-    def _sequences(self, sample: PretrainSample) -> list[PretrainSample]:
-        """The sample's query sequences: all turns in one, or consecutive runs of ``turns_per_sequence``."""
-        k = self.turns_per_sequence or len(sample.queries)
-        return [PretrainSample(key=sample.key, image=sample.image, queries=sample.queries[i : i + k],
-                               targets=sample.targets[i : i + k]) for i in range(0, len(sample.queries), k)]
-
-    def _mine_batch(self, buf: list[tuple[PretrainSample, int, int]], wid: str) -> Iterator[dict[str, Any]]:
+    def _mine_batch(self, buf: list[tuple[MineSample, int, int]], wid: str) -> Iterator[dict[str, Any]]:
         try:
-            batch = self.collator([seq for b in buf for seq in self._sequences(b[0])])
+            batch = self.collator([seq for b in buf for seq in b[0].sequences])
         except Exception:  # decode validated each sample; isolate the one the collator refuses
             if len(buf) > 1:
                 for one in buf:
@@ -146,10 +199,17 @@ class MineStream(IterableDataset):
         batch.pop("target", None)
         batch.pop("target_text_id", None)
         # sequences (what the embedder checks) vs samples (what mining records); sequences of one sample are
-        # consecutive, so the pooled rows are sample-major in stored turn order either way
+        # consecutive, so the pooled rows are sample-major; ``stored_rows`` puts each sample's rows back in
+        # stored turn order (the identity for the canonical choice)
         batch["sequence_keys"], batch["sequence_turns"] = batch["keys"], batch["num_turns"]
         batch["keys"] = [b[0].key for b in buf]
-        batch["num_turns"] = torch.tensor([len(b[0].queries) for b in buf], dtype=torch.long)
+        batch["num_turns"] = torch.tensor([len(b[0].targets) for b in buf], dtype=torch.long)
+        rows, offset = [], 0
+        for b in buf:
+            pooled_row = {t: offset + j for j, t in enumerate(b[0].turns)}
+            rows += [pooled_row[t] for t in range(len(b[0].targets))]
+            offset += len(b[0].turns)
+        batch["stored_rows"] = torch.tensor(rows, dtype=torch.long)
         batch["order"] = torch.tensor([[s, pos] for _, s, pos in buf], dtype=torch.long)
         batch["targets"] = [b[0].targets for b in buf]
         self.samples += len(buf)
@@ -188,7 +248,7 @@ def embed_queries(encoder: MuCoEncoder, stream: MineStream, num_workers: int = 0
                 continue
             inputs = {k: v.to(device) for k, v in batch["query"].items()}
             pooled = embedder(inputs, expected=batch["sequence_turns"].to(device), keys=batch["sequence_keys"])
-            embs.append(pooled.emb.float().cpu())
+            embs.append(pooled.emb.float().cpu()[batch["stored_rows"]])
             orders.append(batch["order"])
             keys += batch["keys"]
             targets += batch["targets"]

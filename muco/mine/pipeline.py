@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from muco.data.m3t.sidecar import MANIFEST, SidecarError, read_sidecar_manifest, write_sidecar
+from muco.data.m3t.turns import TURN_ORDERS
 from muco.data.shards import is_remote
 from muco.distributed import gather_objects
 from muco.encoder import MuCoEncoder, eval_mode
@@ -33,6 +34,8 @@ from muco.train.checkpoint import datamodule_hparams, load_encoder
 log = logging.getLogger("muco.mine")
 
 AUTOCAST = ("none", "bfloat16", "float16")
+QUERY_DRAWS = ("canonical", "train")
+CANONICAL_QUERY_TURNS = "stored order, first candidate query"
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,11 @@ class MineConfig:
         num_workers: DataLoader workers reading and decoding shards.
         num_samples: the shard set's sample count when known (progress bars only).
         progress: show progress bars (rank 0).
+        query_draws: ``canonical`` (stored order, first candidate query) or ``train``: the turns, order and
+            candidate queries training draws in data epoch ``draw_epoch`` with data seed ``draw_seed`` and
+            ``turn_order`` (:class:`muco.mine.embed.TrainDraws`; undrawn turns in further, canonical sequences).
+        draw_seed / draw_epoch / turn_order: the training data's ``seed``, the data epoch to draw for and its
+            ``data.records.turn_order`` (``train`` only).
     """
 
     model: str | os.PathLike
@@ -75,6 +83,10 @@ class MineConfig:
     num_workers: int = 2
     num_samples: int | None = None
     progress: bool = True
+    query_draws: str = "canonical"
+    draw_seed: int = 0
+    draw_epoch: int = 0
+    turn_order: str = "sample"
 
     def __post_init__(self) -> None:
         for name in ("top_k", "batch_size", "query_chunk", "corpus_chunk"):
@@ -88,6 +100,12 @@ class MineConfig:
             raise ValueError(f"turns_per_sequence must be None (all) or >= 1, got {self.turns_per_sequence}")
         if self.autocast not in AUTOCAST:
             raise ValueError(f"autocast must be one of {AUTOCAST}, got {self.autocast!r}")
+        if self.query_draws not in QUERY_DRAWS:
+            raise ValueError(f"query_draws must be one of {QUERY_DRAWS}, got {self.query_draws!r}")
+        if self.draw_epoch < 0:
+            raise ValueError(f"draw_epoch must be >= 0, got {self.draw_epoch}")
+        if self.turn_order not in TURN_ORDERS:
+            raise ValueError(f"turn_order must be one of {TURN_ORDERS}, got {self.turn_order!r}")
         if self.image_policy is not None and self.image_policy not in PRESETS:
             raise ValueError(f"image_policy must be None (the model's own) or one of {sorted(PRESETS)}, got "
                              f"{self.image_policy!r}")
@@ -128,6 +146,22 @@ def trained_turns_per_sample(data_hparams: dict[str, Any]) -> Any:
     return data_hparams.get("turns_per_sample")
 
 
+def resolve_draw_seed(model: str | os.PathLike, seed: int | None = None) -> tuple[int, str]:
+    """(data seed, turn order) of the training run for ``query_draws="train"``: ``seed`` when given, else the
+    checkpoint's ``data.seed``; the turn order is the checkpoint's ``data.records.turn_order`` (else ``sample``,
+    the default). A model without a recorded seed (an exported directory) needs ``seed``."""
+    hp = datamodule_hparams(model)
+    records = hp.get("records")
+    order = records["init_args"].get("turn_order") if isinstance(records, dict) and isinstance(
+        records.get("init_args"), dict) else hp.get("turn_order")
+    order = order if order in TURN_ORDERS else "sample"
+    if seed is None:
+        seed = hp.get("seed")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"{model} records no training data seed (data.seed); give the seed to draw with")
+    return seed, order
+
+
 def model_fingerprint(path: str | os.PathLike) -> list[int]:
     """[total size, newest mtime in ns] of a model file or of the files of a model directory."""
     path = Path(path)
@@ -146,8 +180,17 @@ def search_settings(cfg: MineConfig) -> dict:
     return {"shards": [u if is_remote(u) else os.path.abspath(u) for u in cfg.shards],  # URLs stay URLs
             "top_k": cfg.top_k, "margin": cfg.margin,
             "max_ratio": cfg.max_ratio, "extra": cfg.extra, "image_policy": cfg.image_policy or "model",
-            "autocast": cfg.autocast, "query_turns": "stored order, first candidate query",
+            "autocast": cfg.autocast, "query_turns": query_turns(cfg),
             "turns_per_sequence": cfg.turns_per_sequence or "all"}
+
+
+def query_turns(cfg: MineConfig) -> str | dict:
+    """The sidecar settings' record of which query turns were mined: the canonical string (as before draws
+    existed, so older sidecars stay reusable), or training's draws with their seed, epoch and turn order."""
+    if cfg.query_draws == "canonical":
+        return CANONICAL_QUERY_TURNS
+    return {"draws": "train", "seed": cfg.draw_seed, "epoch": cfg.draw_epoch, "turn_order": cfg.turn_order,
+            "undrawn turns": CANONICAL_QUERY_TURNS}
 
 
 def is_complete(out: str | os.PathLike, wanted: dict) -> bool:
@@ -202,16 +245,17 @@ def mine_with(encoder: MuCoEncoder, cfg: MineConfig, wanted: dict) -> dict | Non
 
 def _mine(encoder: MuCoEncoder, cfg: MineConfig, wanted: dict) -> dict | None:
     from muco.data.m3t.collate import PretrainCollator
-    from muco.mine.embed import MineStream, embed_queries, embed_texts, text_share
+    from muco.mine.embed import MineStream, TrainDraws, embed_queries, embed_texts, text_share
 
     rank, size = world()
     device = encoder.device
     show = rank == 0 and cfg.progress
     if rank == 0:
-        log.info("model %s on %s (%d process(es)), image policy %s, query turns per sequence: %s", cfg.model,
-                 device, size, encoder.image_policy, wanted["turns_per_sequence"])
+        log.info("model %s on %s (%d process(es)), image policy %s, query turns per sequence: %s, query turns: %s",
+                 cfg.model, device, size, encoder.image_policy, wanted["turns_per_sequence"], query_turns(cfg))
+    draws = None if cfg.query_draws == "canonical" else TrainDraws(cfg.draw_seed, cfg.draw_epoch, cfg.turn_order)
     stream = MineStream(list(cfg.shards), PretrainCollator(encoder.tokenizer, encoder.image_policy),
-                        encoder.image_policy, cfg.batch_size, rank, size, cfg.turns_per_sequence)
+                        encoder.image_policy, cfg.batch_size, rank, size, cfg.turns_per_sequence, draws)
     total = None if cfg.num_samples is None else -(-cfg.num_samples // size)
     q = embed_queries(encoder, stream, cfg.num_workers, total, show)
 

@@ -42,7 +42,7 @@ __all__ = ["InFitRounds"]
 # `mine` settings: those of `muco mine`, spelled as MineConfig's fields
 MINE_DEFAULTS: dict[str, Any] = {"shards": None, "top_k": 100, "margin": 0.05, "max_ratio": None, "extra": None,
                                  "batch_size": 16, "query_chunk": 1024, "corpus_chunk": 16384, "num_workers": 0,
-                                 "autocast": None}
+                                 "autocast": None, "query_draws": "canonical"}
 AUTOCAST_OF_PRECISION = {"bf16-mixed": "bfloat16", "16-mixed": "float16"}
 
 
@@ -54,7 +54,9 @@ class InFitRounds(Callback):
         schedule: difficulty stages, ``[{from_round: 2, band: [11, 30], per_turn: 1}, ...]`` (from round 2 on).
         mine: settings of ``muco mine`` (``top_k``, ``margin`` (negative: off), ``max_ratio``, ``extra``,
             ``batch_size``, ``query_chunk``, ``corpus_chunk``, ``num_workers``, ``autocast``, ``shards``);
-            ``shards`` defaults to ``data.train_shards`` and ``autocast`` to the trainer's precision.
+            ``shards`` defaults to ``data.train_shards`` and ``autocast`` to the trainer's precision;
+            ``query_draws: train`` mines the turns and candidate queries the next round's first data epoch draws
+            (with ``data.seed``) instead of the stored order and first candidates (``canonical``).
         remine: False mines once, before the first round with negatives, and every later round reuses it.
         temperatures: τ per round (the last one for later rounds); needs a fixed ``model.temperature``.
         output: the folder of the run directory the sidecars go to.
@@ -77,6 +79,8 @@ class InFitRounds(Callback):
         if unknown:
             raise ValueError(f"InFitRounds.mine: unknown keys {sorted(unknown)}; expected some of "
                              f"{sorted(MINE_DEFAULTS)}")
+        if (mine or {}).get("query_draws", "canonical") not in ("canonical", "train"):
+            raise ValueError(f"InFitRounds.mine.query_draws must be canonical or train, got {mine['query_draws']!r}")
         if not isinstance(remine, bool):
             raise ValueError(f"InFitRounds.remine must be true or false, got {remine!r}")
         taus = list(temperatures or [])
@@ -189,7 +193,8 @@ class InFitRounds(Callback):
             max_ratio=m["max_ratio"], extra=m["extra"], image_policy=dm.image_policy,
             turns_per_sequence=dm.records.turns_per_sample, autocast=autocast, batch_size=m["batch_size"],
             query_chunk=m["query_chunk"], corpus_chunk=m["corpus_chunk"], num_workers=m["num_workers"],
-            num_samples=shard_set.num_samples, progress=False)
+            num_samples=shard_set.num_samples, progress=False, query_draws=m["query_draws"], draw_seed=dm.seed,
+            draw_epoch=finished * self.epochs_per_round, turn_order=dm.records.turn_order)  # the next round's epoch
         wanted = {"model": f"{Path(trainer.default_root_dir).resolve()} after round {finished}",
                   "global_step": trainer.global_step, **search_settings(cfg)}
         encoder = MuCoEncoder(pl_module.tokenizer, pl_module.embedder, dm.image_policy, autocast_dtype=(

@@ -54,13 +54,19 @@ class M3TDecoder:
         if n < self.turns_per_sample:
             raise BadSampleError(f"has {n} turns, fewer than data.records.turns_per_sample={self.turns_per_sample}")
         image = load_image(image_bytes, self.image_policy)
-        queries, targets, turns = draw_turns_indexed(record.turns, self.turns_per_sample,
-                                                     sample_rng(self.seed, epoch, key),
-                                                     shuffle=self.turn_order == "sample")
+        queries, targets, turns = self.draw(record, epoch)
         self.check_lengths(queries, targets)
         # the negatives' own RNG: the turn draws above do not change when negatives are on
         negs = None if self.negatives is None else self.negatives.draw_seeded(key, turns, self.seed, epoch)
         return PretrainSample(key=key, image=image, queries=queries, targets=targets, turns=turns, negatives=negs)
+
+    def draw(self, record: M3TRecord, epoch: int) -> tuple[list[str], list[str], list[int]]:
+        """The turns drawn for ``record`` in data epoch ``epoch``: (queries, targets, stored turn indices) in drawn
+        order, one candidate query per turn; stored order unless ``turn_order="sample"`` (``"batch"`` permutes
+        whole batches later). A pure function of (seed, epoch, key): mining calls it to embed exactly what
+        training draws (``muco mine --query-draws train``, :mod:`muco.mine.embed`)."""
+        return draw_turns_indexed(record.turns, self.turns_per_sample, sample_rng(self.seed, epoch, record.key),
+                                  shuffle=self.turn_order == "sample")
 
     def check_lengths(self, queries: list[str], targets: list[str]) -> None:
         """A sample whose drawn texts exceed the configured bounds is skipped (a 4,000-character caption would
