@@ -211,28 +211,3 @@ def test_rank_movement_partial(tmp_path):
     assert "a vs b" in table and "0.3333" in table and "jaccard@4" in table.splitlines()[0]
     with pytest.raises(ValueError):
         rank_movement(a, b, k=0)
-
-
-def test_in_fit_rounds_mine_the_next_rounds_draws(tmp_path, demo_data):
-    """``mine: {query_draws: train}``: the sidecar mined after round 1 records the draws of data epoch 1 (round 2's
-    first) with the DataModule's seed, and equals `muco mine --query-draws train --draw-epoch 1` of the
-    checkpoint of those weights (the seed read from it)."""
-    import yaml
-
-    from tests.rounds.test_in_fit import STEPS_PER_ROUND, assert_same_negatives, ckpt_at, fit, rounds_config
-
-    shards = f"{demo_data}/val/manifest.json"
-    cfg = rounds_config(tmp_path / "rounds.yaml", shards)
-    conf = yaml.safe_load(cfg.read_text())
-    conf["trainer"]["callbacks"][1]["init_args"]["mine"]["query_draws"] = "train"
-    cfg.write_text(yaml.safe_dump(conf))
-    run = tmp_path / "run"
-    fit(tmp_path, cfg, run, f"--trainer.max_steps={STEPS_PER_ROUND + 1}")
-    side = run / "rounds" / "after_round1"
-    assert read_sidecar_manifest(side)["settings"]["query_turns"] == {
-        "draws": "train", "seed": 0, "epoch": 1, "turn_order": "sample", "undrawn turns": CANONICAL_QUERY_TURNS}
-    res = run_muco("mine", "--model", str(ckpt_at(run, STEPS_PER_ROUND)), "--shards", shards, "--output",
-                   str(tmp_path / "mined"), "--top-k", "8", "--margin", "-1", "--num-workers", "0", "--no-progress",
-                   "--device", "cpu", "--query-draws", "train", "--draw-epoch", "1", cwd=tmp_path, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert_same_negatives(side, tmp_path / "mined")

@@ -1,11 +1,10 @@
 """Rounds inside one `muco fit` (:class:`muco.rounds.in_fit.InFitRounds`), run as the real CLI on the demo digits
 with the tiny model: the sidecar mined at a round boundary is the one `muco mine` writes for a checkpoint of those
-weights (on 1 and 2 ranks), later rounds train with it and their τ, and a run stopped inside round 2 resumes in
-round 2 with the same negatives and the same losses."""
+weights (1 rank canonical, 2 ranks with the training draws), later rounds train with it and their τ, and a run
+stopped at a round boundary or inside round 2 resumes with the same negatives and the same losses."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -57,9 +56,10 @@ def assert_same_negatives(a, b) -> None:
         assert x["pos_sim"] == pytest.approx(y["pos_sim"], abs=1e-5)
 
 
-def mine_checkpoint(cwd, ckpt, shards: str, out) -> None:
+def mine_checkpoint(cwd, ckpt, shards: str, out, *args: str) -> None:
     res = run_muco("mine", "--model", str(ckpt), "--shards", shards, "--output", str(out), "--top-k", "8",
-                   "--margin", "-1", "--num-workers", "0", "--no-progress", "--device", "cpu", cwd=cwd, timeout=300)
+                   "--margin", "-1", "--num-workers", "0", "--no-progress", "--device", "cpu", *args, cwd=cwd,
+                   timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
 
 
@@ -102,44 +102,49 @@ def test_round_boundary_mines_what_muco_mine_mines_and_later_rounds_train_with_i
     assert state["InFitRounds"]["sidecars"] == {str(r): str(run / "rounds" / f"after_round{r}") for r in (1, 2)}
 
 
-def test_stopped_in_round_2_resumes_in_round_2_with_the_same_negatives(three_rounds):
+def test_stopped_at_a_round_boundary_and_inside_round_2_resumes_like_the_uninterrupted_run(three_rounds):
     tmp, _, cfg, full, _ = three_rounds
     run = tmp / "stopped"
-    fit(tmp, cfg, run, "--trainer.max_steps=6")  # stops inside round 2 (steps 5-8)
+    # 1. stopped at step 4, the last batch of round 1's epoch, before the epoch ended: Lightning resumes into the
+    #    next epoch and numbers it one higher; rounds follow the data epochs, so the resume mines then
+    fit(tmp, cfg, run, "--trainer.max_steps=4")
+    assert not (run / "rounds").exists()  # training was over: nothing mined
+    res = fit(tmp, cfg, run, "--trainer.max_steps=6")
+    assert "round 1 over at step 4" in res.stderr
+    assert_same_negatives(run / "rounds" / "after_round1", full / "rounds" / "after_round1")
+    # 2. stopped inside round 2: resumes in round 2 from the checkpoint's state, without mining again
     first = (run / "rounds" / "after_round1" / "manifest.json").stat().st_mtime_ns
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["global_step"] == 6 and state["callbacks"]["InFitRounds"]["round"] == 2
     res = fit(tmp, cfg, run, "--trainer.max_steps=8")
     assert "resuming from" in res.stderr and "round 2 (from epoch 1)" in res.stderr
-    assert (run / "rounds" / "after_round1" / "manifest.json").stat().st_mtime_ns == first  # not mined again
-    a, b = read_scalars(full), read_scalars(run)
-    for key in ("train/loss", "train/neg_valid_frac", "train/temperature"):
-        assert dict(b[key]) == pytest.approx({k: v for k, v in a[key] if k < 8}, abs=1e-6), key
-
-
-def test_stopped_at_the_last_batch_of_round_1_mines_on_resume_what_the_uninterrupted_run_mined(three_rounds):
-    # the checkpoint is written at step 4, the last batch of the epoch, before the epoch ended: Lightning resumes
-    # into the next epoch and numbers it one higher; rounds follow the data epochs
-    tmp, _, cfg, full, _ = three_rounds
-    run = tmp / "boundary"
-    fit(tmp, cfg, run, "--trainer.max_steps=4")
-    assert not (run / "rounds").exists()  # training was over: nothing mined
-    res = fit(tmp, cfg, run, "--trainer.max_steps=8")
-    assert "round 1 over at step 4" in res.stderr
-    assert_same_negatives(run / "rounds" / "after_round1", full / "rounds" / "after_round1")
+    assert "mining" not in res.stderr
+    assert (run / "rounds" / "after_round1" / "manifest.json").stat().st_mtime_ns == first
     a, b = read_scalars(full), read_scalars(run)
     for key in ("train/loss", "train/neg_valid_frac", "train/temperature", "rounds/round"):
         assert dict(b[key]) == pytest.approx({k: v for k, v in a[key] if k < 8}, abs=1e-6), key
 
 
-def test_two_ranks_mine_the_sidecar_one_process_mines(tmp_path, demo_data):
+def test_two_ranks_mine_the_training_draws_as_muco_mine_does_in_one_process(tmp_path, demo_data):
+    # `mine: {query_draws: train}`: the sidecar after round 1 is mined for the draws of data epoch 1 (round 2's
+    # first) with the DataModule's seed; 2 ranks mine what `muco mine --query-draws train` mines in one process
+    from muco.mine.pipeline import CANONICAL_QUERY_TURNS
+
     shards = f"{demo_data}/val/manifest.json"
     cfg = rounds_config(tmp_path / "rounds.yaml", shards, batch_size=2)
+    conf = yaml.safe_load(cfg.read_text())
+    conf["trainer"]["callbacks"][1]["init_args"]["mine"]["query_draws"] = "train"
+    cfg.write_text(yaml.safe_dump(conf))
     run = tmp_path / "ddp"
     fit(tmp_path, cfg, run, "--trainer.max_steps=5", "--trainer.devices=2", "--trainer.strategy=ddp")
-    mine_checkpoint(tmp_path, ckpt_at(run, STEPS_PER_ROUND), shards, tmp_path / "mined")
-    assert_same_negatives(run / "rounds" / "after_round1", tmp_path / "mined")
-    assert json.loads((run / "rounds" / "after_round1" / "manifest.json").read_text())["num_query_turns"] == 297 * 7
+    side = run / "rounds" / "after_round1"
+    manifest = read_sidecar_manifest(side)
+    assert manifest["num_query_turns"] == 297 * 7
+    assert manifest["settings"]["query_turns"] == {
+        "draws": "train", "seed": 0, "epoch": 1, "turn_order": "sample", "undrawn turns": CANONICAL_QUERY_TURNS}
+    mine_checkpoint(tmp_path, ckpt_at(run, STEPS_PER_ROUND), shards, tmp_path / "mined", "--query-draws", "train",
+                    "--draw-epoch", "1")
+    assert_same_negatives(side, tmp_path / "mined")
 
 
 @pytest.mark.parametrize("kwargs, message", [
