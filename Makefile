@@ -17,8 +17,12 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 
 install: $(STAMP)
 
+# two pytest-xdist workers, one test file at a time each (module fixtures are built once), one intra-op thread
+# per process so that the workers do not oversubscribe the cores; TEST_WORKERS=0: serial, torch's threads
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(if $(XDIST),OMP_NUM_THREADS=1 ,)$(PY) -m pytest -q $(XDIST)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check muco tests benchmarks

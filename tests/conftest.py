@@ -14,6 +14,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files holding a ``slow`` test run first, each file's tests still together and in order: `make test`'s
+    pytest-xdist workers take one file at a time (``--dist loadfile``), so the long files start early and the
+    short ones fill the end instead of one worker finishing a long file alone."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
+
+
 @pytest.fixture(scope="session")
 def tiny_tok():
     from muco.inputs.tokenizer import tiny_tokenizer

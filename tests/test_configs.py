@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from tests.train.conftest import REPO, run_muco
+from tests.train.conftest import REPO, call_muco
 
 CONFIGS = REPO / "configs"
 
@@ -29,8 +29,8 @@ def cfg(name: str) -> list[str]:
 # ------------------------------------------------------------------------------------------ recipe values
 @pytest.mark.parametrize("run", ["m3t_2b", "m3t_7b"])
 def test_pretraining_presets_follow_the_recipe(run, tmp_path):
-    res = run_muco("fit", "--config", f"configs/{run}.yaml", "--config", "configs/strategy/fsdp.yaml",
-                   "--print_config", cwd=REPO)
+    res = call_muco("fit", "--config", f"configs/{run}.yaml", "--config", "configs/strategy/fsdp.yaml",
+                    "--print_config", cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]
     cfg = yaml.safe_load(res.stdout)
     t, m, d = cfg["trainer"], cfg["model"]["init_args"], cfg["data"]["init_args"]
@@ -48,8 +48,8 @@ def test_pretraining_presets_follow_the_recipe(run, tmp_path):
 
 
 def test_interpolation_follows_overrides():
-    res = run_muco("fit", "--config", "configs/m3t_2b.yaml", "--model.init_args.backbone.pretrained=/w/other",
-                   "--trainer.num_nodes=2", "--config", "configs/strategy/fsdp.yaml", "--print_config", cwd=REPO)
+    res = call_muco("fit", "--config", "configs/m3t_2b.yaml", "--model.init_args.backbone.pretrained=/w/other",
+                    "--trainer.num_nodes=2", "--config", "configs/strategy/fsdp.yaml", "--print_config", cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]
     cfg = yaml.safe_load(res.stdout)
     assert cfg["model"]["init_args"]["backbone"]["pretrained"] == "/w/other"
@@ -222,9 +222,9 @@ def test_demo_finetune_starts_from_the_demo_checkpoint(tmp_path, demo_data, demo
 
 # ------------------------------------------------------------------------------------------ tokenizer errors
 def test_placeholder_weights_fail_before_training_naming_the_fix(tmp_path, demo_data):
-    res = run_muco("fit", *cfg("m3t_2b.yaml"), *cfg("strategy/single.yaml"), "--trainer.accelerator", "cpu",
-                   "--data.init_args.train_shards", str(demo_data / "train" / "manifest.json"),
-                   "--trainer.default_root_dir", str(tmp_path / "run"), cwd=tmp_path)
+    res = call_muco("fit", *cfg("m3t_2b.yaml"), *cfg("strategy/single.yaml"), "--trainer.accelerator", "cpu",
+                    "--data.init_args.train_shards", str(demo_data / "train" / "manifest.json"),
+                    "--trainer.default_root_dir", str(tmp_path / "run"), cwd=tmp_path)
     assert res.returncode != 0
     # jsonargparse reports the module's exception among the subclass errors, as one line
     line = [x for x in res.stderr.splitlines() if "/path/to/Qwen2-VL-2B-Instruct is not a directory" in x]

@@ -233,6 +233,7 @@ def test_each_result_is_printed_once(setup, tmp_path):
     assert (tmp_path / "out" / "timing.txt").read_text().splitlines()[2].split()[:4] == ["Toy", "3", "4", "4"]
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_one_process_results(setup, tmp_path):
     """`--devices 2` (two gloo processes, each encoding every other batch) writes what one process writes: the
     same metrics, gold ranks and top-1 predictions, bit for bit; the timing table follows the results."""

@@ -129,6 +129,7 @@ def mined_draws(tiny_ckpt, mine_shards, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_train_draws_two_processes_equal_one_and_the_pipeline(mined_draws, tiny_ckpt, mine_shards, pipeline_mined):
     manifest, records = mine_shards
     one, two = list(iter_sidecar_rows(mined_draws / "one")), list(iter_sidecar_rows(mined_draws / "two"))

@@ -43,6 +43,7 @@ def test_the_command_writes_what_the_pipeline_writes(mined, pipeline_mined):
     assert json.loads(procs["one"].stdout[procs["one"].stdout.index("{"):]) == man["summary"]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(mined):
     """Each process keeps half the corpus and the query blocks travel a ring; batches are shared out whole, so
     the sidecar is the single process's, line for line (similarities and ties included)."""

@@ -79,6 +79,7 @@ def three_rounds(tmp_path_factory, demo_data):
     return tmp, shards, cfg, run, res
 
 
+@pytest.mark.slow
 def test_round_boundary_mines_what_muco_mine_mines_and_later_rounds_train_with_it(three_rounds):
     tmp, shards, _, run, res = three_rounds
     for r in (1, 2):
@@ -102,6 +103,7 @@ def test_round_boundary_mines_what_muco_mine_mines_and_later_rounds_train_with_i
     assert state["InFitRounds"]["sidecars"] == {str(r): str(run / "rounds" / f"after_round{r}") for r in (1, 2)}
 
 
+@pytest.mark.slow
 def test_stopped_at_a_round_boundary_and_inside_round_2_resumes_like_the_uninterrupted_run(three_rounds):
     tmp, _, cfg, full, _ = three_rounds
     run = tmp / "stopped"
@@ -125,6 +127,7 @@ def test_stopped_at_a_round_boundary_and_inside_round_2_resumes_like_the_uninter
         assert dict(b[key]) == pytest.approx({k: v for k, v in a[key] if k < 8}, abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_two_ranks_mine_the_training_draws_as_muco_mine_does_in_one_process(tmp_path, demo_data):
     # `mine: {query_draws: train}`: the sidecar after round 1 is mined for the draws of data epoch 1 (round 2's
     # first) with the DataModule's seed; 2 ranks mine what `muco mine --query-draws train` mines in one process

@@ -46,6 +46,7 @@ class Recorder:
         return subprocess.run(cmd, cwd=self.cwd, check=False).returncode
 
 
+@pytest.mark.slow
 def test_two_rounds_mine_between_them_and_continue_where_stopped(tmp_path, demo_data):
     cfg = rounds_file(tmp_path, demo_data)
     rec = Recorder(tmp_path)

@@ -55,6 +55,7 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
     return read_scalars(run_dir).get("train/loss", [])
 
 
+@pytest.mark.slow
 def test_two_node_ddp_job_runs_in_the_run_dir(slurm_cluster, demo_data, tmp_path):
     run_dir = tmp_path / "run"
     t0 = time.monotonic()
@@ -78,6 +79,7 @@ def test_two_node_ddp_job_runs_in_the_run_dir(slurm_cluster, demo_data, tmp_path
 STEPS = 14
 
 
+@pytest.mark.slow
 def test_preempted_job_is_requeued_and_matches_an_uninterrupted_run(slurm_cluster, demo_data, tmp_path):
     run_dir, ref_dir = tmp_path / "run", tmp_path / "ref"
     # the uninterrupted 2-rank run, plain DDP outside Slurm, alongside the job (deterministic on CPU either way)

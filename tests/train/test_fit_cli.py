@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -22,6 +23,7 @@ def start_lines(stderr: str) -> list[str]:
     return [ln for ln in stderr.splitlines() if "run directory:" in ln]
 
 
+@pytest.mark.slow
 def test_fit_logs_metrics_and_loss_falls(muco_cli, demo_data, tmp_path):
     # one validation at the end, with MMEB-format tasks and their pictures
     res = muco_cli("fit", "--config", CONFIG, *data_args(demo_data), "--trainer.max_steps=30",
@@ -59,6 +61,7 @@ def test_fit_logs_metrics_and_loss_falls(muco_cli, demo_data, tmp_path):
     assert len(meta) == 1 + 3 * len(tasks) and (run / "projector_config.pbtxt").is_file()
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_right_step_with_optimizer_state(muco_cli, demo_data, tmp_path):
     common = ["fit", "--config", CONFIG, *data_args(demo_data), "--trainer.enable_progress_bar=false",
               "--data.init_args.batch_size=4", "--trainer.log_every_n_steps=1"]
@@ -86,24 +89,24 @@ def test_resume_continues_at_the_right_step_with_optimizer_state(muco_cli, demo_
     assert steps == list(range(15)), "one TensorBoard directory holds both parts of the run"
 
 
-def test_ckpt_path_last_without_a_checkpoint_fails_early(muco_cli, demo_data, tmp_path):
-    res = muco_cli("fit", "--config", CONFIG, *data_args(demo_data), "--ckpt_path=last", cwd=tmp_path)
+def test_ckpt_path_last_without_a_checkpoint_fails_early(muco_inprocess, demo_data, tmp_path):
+    res = muco_inprocess("fit", "--config", CONFIG, *data_args(demo_data), "--ckpt_path=last", cwd=tmp_path)
     assert res.returncode != 0
     assert "holds no checkpoint to resume" in res.stderr
 
 
-def test_config_typo_fails_with_jsonargparse_message(muco_cli, demo_data, tmp_path):
-    res = muco_cli("fit", "--config", CONFIG, *data_args(demo_data), "--trainer.max_stepz=3", cwd=tmp_path)
+def test_config_typo_fails_with_jsonargparse_message(muco_inprocess, demo_data, tmp_path):
+    res = muco_inprocess("fit", "--config", CONFIG, *data_args(demo_data), "--trainer.max_stepz=3", cwd=tmp_path)
     assert res.returncode != 0
     assert "max_stepz" in res.stderr and "error" in res.stderr.lower()
     assert "Traceback" not in res.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  init_args:\n    temprature: 0.05\n")
-    res = muco_cli("fit", "--config", CONFIG, "--config", str(bad), *data_args(demo_data), cwd=tmp_path)
+    res = muco_inprocess("fit", "--config", CONFIG, "--config", str(bad), *data_args(demo_data), cwd=tmp_path)
     assert res.returncode != 0 and "temprature" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_errors_are_one_line_with_the_fix_and_no_traceback(muco_cli, demo_data, tmp_path):
+def test_errors_are_one_line_with_the_fix_and_no_traceback(muco_inprocess, demo_data, tmp_path):
     (tmp_path / "bad.ckpt").write_bytes(b"cut short")
     cases = {
         "--model.init_args.backbone.preset=nope": "unknown backbone preset 'nope'; choose one of",
@@ -113,7 +116,8 @@ def test_errors_are_one_line_with_the_fix_and_no_traceback(muco_cli, demo_data, 
         "--trainer.default_root_dir=/proc/muco-run": "the run directory /proc/muco-run is not writable",
     }
     for arg, message in cases.items():
-        res = muco_cli("fit", "--config", CONFIG, *data_args(demo_data), "--trainer.max_steps=1", arg, cwd=tmp_path)
+        res = muco_inprocess("fit", "--config", CONFIG, *data_args(demo_data), "--trainer.max_steps=1", arg,
+                             cwd=tmp_path)
         assert res.returncode == 1, (arg, res.stderr[-2000:])
         assert "Traceback" not in res.stderr, (arg, res.stderr[-2000:])
         line = next(ln for ln in res.stderr.splitlines() if ln.startswith("muco fit: error: "))
@@ -139,6 +143,7 @@ def test_the_message_is_muco_s_own_through_library_wrappers():
         assert user_message(plain) == "ValueError: invalid literal for int() with base 10: 'x'"
 
 
+@pytest.mark.slow
 def test_a_short_run_says_where_it_lives_shows_its_steps_and_logs_no_hp_metric(muco_cli, demo_data, tmp_path):
     res = muco_cli("fit", "--config", CONFIG, *data_args(demo_data), "--trainer.max_steps=2",
                    "--trainer.log_every_n_steps=1", cwd=tmp_path)
@@ -156,12 +161,12 @@ def test_a_short_run_says_where_it_lives_shows_its_steps_and_logs_no_hp_metric(m
     assert sorted(scalars).count("train/lr") == 1 and not [k for k in scalars if k.startswith("lr-")]
 
 
-def test_fit_help_has_muco_s_optimizer_settings_only(muco_cli, demo_data, tmp_path):
-    res = muco_cli("fit", "--help", cwd=tmp_path)
+def test_fit_help_has_muco_s_optimizer_settings_only(muco_inprocess, demo_data, tmp_path):
+    res = muco_inprocess("fit", "--help", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "--model.help" in res.stdout  # muco's model.optim is under model.init_args
     assert "--optimizer" not in res.stdout and "--lr_scheduler" not in res.stdout
-    res = muco_cli("fit", "--config", CONFIG, *data_args(demo_data), "--optimizer=Adam", "--trainer.max_steps=1",
+    res = muco_inprocess("fit", "--config", CONFIG, *data_args(demo_data), "--optimizer=Adam", "--trainer.max_steps=1",
                    cwd=tmp_path)
     assert res.returncode != 0 and "--optimizer" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "runs" / "tiny" / "checkpoints").exists()
