@@ -249,6 +249,9 @@ def main(argv: list[str] | None = None) -> float:
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward (loss stays fp32)")
     ap.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"),
                     help="attention kernel (flash_attention_2 needs the flash_attn package and a CUDA device)")
+    ap.add_argument("--padding-free", action="store_true",
+                    help="backbone.padding_free: each batch as one packed row (varlen attention; exec F still "
+                         "counts padded widths)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                     help="backbone weights dtype (the 2B recipe keeps the frozen base in bfloat16)")
     ap.add_argument("--peak-tflops", type=float, default=None,
@@ -290,9 +293,9 @@ def main(argv: list[str] | None = None) -> float:
     lora_r = args.lora_r if args.lora_r is not None else default_lora_r(args.preset)
     cfg = BackboneConfig(preset=args.preset, adapter=AdapterConfig(r=lora_r, alpha=lora_r),
                          gradient_checkpointing=args.grad_ckpt, attn_implementation=args.attn, seed=args.seed,
-                         dtype=args.dtype)
+                         dtype=args.dtype, padding_free=args.padding_free)
     backbone = build_backbone(cfg, tok)
-    embedder = Embedder(backbone, SpecialTokenIds.from_tokenizer(tok).emb).to(device).train()
+    embedder = Embedder(backbone, SpecialTokenIds.from_tokenizer(tok).emb, args.padding_free).to(device).train()
     opt = None if args.no_optim else torch.optim.AdamW(param_groups(embedder, 0.01), lr=5e-5)
     clock = PhaseClock(backbone, now)
     collator = PretrainCollator(tok, policy)
@@ -304,7 +307,7 @@ def main(argv: list[str] | None = None) -> float:
           f"images/batch={args.images} reps={args.reps} policy={args.policy} short_side={side} "
           f"threads={torch.get_num_threads()} clock={args.clock} malloc_cache={not args.no_malloc_cache} "
           f"bf16={args.bf16} grad_ckpt={args.grad_ckpt} optim={opt is not None} attn={args.attn} "
-          f"dtype={args.dtype} "
+          f"dtype={args.dtype} padding_free={args.padding_free} "
           f"(setup {time.perf_counter() - start:.1f} s)")
 
     def batch_for(rep: int) -> tuple[list, list, list[str]]:

@@ -12,6 +12,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase, Qwen2VLConfig, Qwen2VLModel
 
 from muco.inputs.tokenizer import SpecialTokenIds
+from muco.model.packing import use_varlen_sdpa
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,9 @@ class BackboneConfig:
     freeze_vision: bool = True
     adapter: AdapterConfig | None = None
     gradient_checkpointing: bool = False
+    # run each batch as one packed row of its real tokens (muco.model.packing): flash_attention_2's varlen kernel,
+    # or SDPA sequence by sequence; the embeddings equal the padded forward's
+    padding_free: bool = False
     seed: int = 0  # random-init seed, so every rank builds the same weights
 
     def __post_init__(self) -> None:
@@ -83,6 +87,9 @@ class BackboneConfig:
         # LightningCLI's omegaconf+ mode; no Qwen2-VL directory is called that, so read it as "no weights"
         if isinstance(self.pretrained, str) and self.pretrained.strip() in ("", "None", "null"):
             object.__setattr__(self, "pretrained", None)
+        if self.padding_free and self.attn_implementation not in ("sdpa", "flash_attention_2"):
+            raise ValueError(f"backbone.padding_free needs attn_implementation sdpa or flash_attention_2, not "
+                             f"{self.attn_implementation!r}; set one of them or padding_free: false")
 
     @classmethod
     def coerce(cls, value: BackboneConfig | dict | None) -> BackboneConfig:
@@ -147,6 +154,8 @@ def load_qwen2vl(cfg: BackboneConfig, tokenizer: PreTrainedTokenizerBase) -> Qwe
             )
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
+    if cfg.padding_free and cfg.attn_implementation == "sdpa":
+        use_varlen_sdpa(model)  # flash_attention_2 reads packed rows as they are
     return model
 
 

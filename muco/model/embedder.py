@@ -2,7 +2,8 @@
 
 uint8 ``pixel_values`` (the data path's format) are normalised here, on the device, by ``pixels_to_model``:
 the training module and ``MuCoEncoder`` (evaluation, export) both run through this module, so no caller
-converts on its own.
+converts on its own. With ``padding_free`` the backbone runs the batch as one packed row of its real tokens
+(``muco.model.packing``); the embeddings are the padded forward's up to float rounding.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from muco.model.backbone import unwrap_qwen2vl
+from muco.model.packing import pack_inputs
 from muco.model.pixels import pixels_to_model, vision_dtype
 from muco.model.pooling import EmbeddingPooler, PooledEmbeddings
 
@@ -21,10 +24,11 @@ MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_t
 class Embedder(nn.Module):
     """One shared encoder for queries, targets and negatives."""
 
-    def __init__(self, backbone: nn.Module, emb_token_id: int) -> None:
+    def __init__(self, backbone: nn.Module, emb_token_id: int, padding_free: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.pooler = EmbeddingPooler(emb_token_id)
+        self.padding_free = padding_free
 
     def forward(
         self, inputs: Mapping[str, torch.Tensor], expected: int | torch.Tensor, keys: Sequence[str] | None = None
@@ -32,5 +36,9 @@ class Embedder(nn.Module):
         kwargs = {k: inputs[k] for k in MODEL_INPUT_KEYS if k in inputs}
         if "pixel_values" in kwargs:
             kwargs["pixel_values"] = pixels_to_model(kwargs["pixel_values"], vision_dtype(self.backbone))
+        flat_index = None
+        if self.padding_free and "attention_mask" in kwargs:
+            packed = pack_inputs(unwrap_qwen2vl(self.backbone).get_rope_index, kwargs)
+            kwargs, flat_index = packed.inputs, packed.flat_index
         hidden = self.backbone(**kwargs, use_cache=False).last_hidden_state
-        return self.pooler(hidden, inputs["input_ids"], expected, keys)
+        return self.pooler(hidden, inputs["input_ids"], expected, keys, flat_index)

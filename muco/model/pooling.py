@@ -36,7 +36,10 @@ class EmbeddingPooler(nn.Module):
         input_ids: torch.Tensor,
         expected: int | torch.Tensor,
         keys: Sequence[str] | None = None,
+        flat_index: torch.Tensor | None = None,
     ) -> PooledEmbeddings:
+        """``hidden`` (B, L, d) for ``input_ids`` (B, L); or, with ``flat_index`` (B, L) (a packed forward's,
+        ``muco.model.packing``), one packed row (1, N, d) of the batch's real tokens."""
         is_emb = input_ids == self.emb_token_id
         counts = is_emb.sum(dim=1)
         want = torch.as_tensor(expected, device=counts.device).expand_as(counts)
@@ -51,5 +54,6 @@ class EmbeddingPooler(nn.Module):
         sample_id, pos = is_emb.nonzero(as_tuple=True)
         starts = torch.cumsum(counts, 0) - counts
         turn_id = torch.arange(sample_id.numel(), device=sample_id.device) - starts[sample_id]
-        emb = F.normalize(hidden[sample_id, pos].float(), dim=-1)
+        at = hidden[sample_id, pos] if flat_index is None else hidden[0, flat_index[sample_id, pos]]
+        emb = F.normalize(at.float(), dim=-1)
         return PooledEmbeddings(emb=emb, sample_id=sample_id, turn_id=turn_id)

@@ -7,6 +7,7 @@ Pretraining and fine-tuning are two configs of this class, not two classes.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +141,7 @@ class MuCoModule(LightningModule):
             backbone_model = merged_backbone(init, init_from, self.backbone_cfg, self.tokenizer)
         else:
             backbone_model = build_backbone(self.backbone_cfg, self.tokenizer)
-        self.embedder = Embedder(backbone_model, self.token_ids.emb)
+        self.embedder = Embedder(backbone_model, self.token_ids.emb, self.backbone_cfg.padding_free)
         self.temperature = Temperature(temperature, learnable=learnable_temperature, schedule=schedule)
         self.init_from, self.merge_adapter_first = init_from, merge_adapter_first
         # frozen here but trained in the init checkpoint: not base weights, so they stay in checkpoints
@@ -203,7 +204,10 @@ class MuCoModule(LightningModule):
         self.log("train/temperature", float(self.temperature()), batch_size=len(batch["keys"]))
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0], batch_size=len(batch["keys"]))
         self._log_data_stats(batch)
-        return {"loss": loss, "counts": self.objective.counts(batch)}
+        counts = self.objective.counts(batch)
+        if self.embedder.padding_free:  # the language model computed the real tokens only
+            counts = replace(counts, positions=counts.tokens)
+        return {"loss": loss, "counts": counts}
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
         if not self.grad_cache_chunk:  # GradCache zeroes before its backward, in training_step
