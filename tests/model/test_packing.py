@@ -21,6 +21,7 @@ from muco.objectives import FinetuneObjective, PretrainObjective
 from muco.train.callbacks import PairThroughput
 from muco.train.grad_cache import grad_cache_step
 from muco.train.module import MuCoModule
+from tests.train.conftest import REPO, call_muco
 
 
 def sized(photo, i: int):
@@ -164,10 +165,15 @@ def test_varlen_attention_splits_exactly_at_sequence_starts():
     assert not torch.allclose(out[0, 3:], whole[0].transpose(0, 1)[3:], atol=1e-3)  # no attention across rows
 
 
-def test_padding_free_needs_an_attention_that_can_pack():
-    with pytest.raises(ValueError, match="backbone.padding_free needs attn_implementation sdpa or "
-                                         "flash_attention_2, not 'eager'"):
+def test_padding_free_needs_an_attention_that_can_pack(demo_data, tmp_path):
+    message = "backbone.padding_free needs attn_implementation sdpa or flash_attention_2, not 'eager'"
+    with pytest.raises(ValueError, match=message):
         BackboneConfig(attn_implementation="eager", padding_free=True)
+    res = call_muco("fit", "--config", str(REPO / "configs" / "tiny.yaml"), "--trainer.max_steps=1",
+                    f"--data.init_args.train_shards={demo_data}/train/manifest.json",
+                    "--data.init_args.val_shards=null", "--model.init_args.backbone.padding_free=true",
+                    "--model.init_args.backbone.attn_implementation=eager", cwd=tmp_path)
+    assert res.returncode == 1 and f"muco fit: error: {message}; set one of them" in res.stderr, res.stderr[-2000:]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (flash-attention 2's varlen kernel)")

@@ -124,3 +124,13 @@ def test_grad_cache_under_fsdp2_equals_single_process(muco_cli, tmp_path, two_sh
     fsdp = run_step(muco_cli, tmp_path, two_shards, "fsdp_gc", 4, "--config", str(REPO / "configs/strategy/fsdp.yaml"),
                     "--trainer.devices=2", "--model.init_args.grad_cache_chunk=3")
     assert_same_grads(single_grads, fsdp)
+
+
+def test_padding_free_under_fsdp2_with_grad_cache_equals_padded_single_process(muco_cli, tmp_path, two_shards,
+                                                                                single_grads):
+    """Packed rows (backbone.padding_free) on sharded weights, in GradCache chunks: the padded single process's
+    gradients."""
+    fsdp = run_step(muco_cli, tmp_path, two_shards, "fsdp_packed", 4, "--config",
+                    str(REPO / "configs/strategy/fsdp.yaml"), "--trainer.devices=2",
+                    "--model.init_args.grad_cache_chunk=3", "--model.init_args.backbone.padding_free=true")
+    assert_same_grads(single_grads, fsdp)
