@@ -110,8 +110,9 @@ class Task:
         return self.spec.name
 
 
-def _expand(path: str | Path, value: str, key: str) -> str:
-    """``value`` with its environment variables expanded; an unset one is a one-line error naming it and the fix."""
+def expand_variables(path: str | Path, value: str, key: str) -> str:
+    """``value`` (the ``key`` setting of the task list ``path``) with its environment variables expanded; an unset
+    one is a one-line error naming it and the fix (for the ``root`` key: or ``--root``)."""
     unset = [bare or braced for bare, braced in _VAR_RE.findall(value) if (bare or braced) not in os.environ]
     if unset:
         var = unset[0]
@@ -123,7 +124,7 @@ def _expand(path: str | Path, value: str, key: str) -> str:
 def _resolve(path: str | Path, root: Path, value: str | None, key: str) -> Path | None:
     if value is None:
         return None
-    p = Path(_expand(path, str(value), key)).expanduser()
+    p = Path(expand_variables(path, str(value), key)).expanduser()
     return p if p.is_absolute() else root / p
 
 
@@ -137,7 +138,7 @@ def load_task_list(path: str | Path, root: str | Path | None = None) -> list[Tas
     if unknown:
         raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)}")
     base = root if root is not None else cfg.get("root", ".")
-    root_path = Path(_expand(path, str(base), "root")).expanduser()
+    root_path = Path(expand_variables(path, str(base), "root")).expanduser()
     defaults = cfg.get("defaults") or {}
     specs: list[TaskSpec] = []
     for i, entry in enumerate(cfg["tasks"]):

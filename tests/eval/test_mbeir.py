@@ -141,7 +141,8 @@ def test_the_shipped_task_list(tmp_path, monkeypatch):
     assert cfg.global_pool == tmp_path / "cand_pool/global/mbeir_union_test_cand_pool.jsonl"
     assert [s.kind for s in cfg.tasks if s.dataset == "OVEN"] == ["(i,t)->t", "(i,t)->(i,t)"]
     monkeypatch.delenv("MBEIR_ROOT", raising=False)
-    with pytest.raises(ValueError, match="unset environment variable"):
+    with pytest.raises(ValueError, match=r"root '\$\{MBEIR_ROOT\}' needs the environment variable MBEIR_ROOT, which is "
+                                         r"not set; export MBEIR_ROOT=DIR \(the data root\) or pass --root DIR"):
         load_mbeir_config(REPO / "configs/eval/mbeir.yaml")
     with pytest.raises(ValueError, match="task_id must be one of"):
         MBeirTaskSpec("x", "X", 5, Path("q"), Path("p"), Path("r"))

@@ -23,12 +23,13 @@ where they start with ``mbeir_images/``).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from muco.eval.tasks import expand_variables
 
 TEXT, IMAGE, IMAGE_TEXT = "text", "image", "image,text"
 MODALITIES = (TEXT, IMAGE, IMAGE_TEXT)
@@ -116,15 +117,8 @@ class MBeirConfig:
     tasks: tuple[MBeirTaskSpec, ...]
 
 
-def _expand(path: str | Path, value: str, what: str) -> Path:
-    expanded = os.path.expandvars(str(value))
-    if "$" in expanded:
-        raise ValueError(f"{path}: {what} {value!r} names an unset environment variable; set it or pass --root")
-    return Path(expanded).expanduser()
-
-
 def _resolve(root: Path, value: str | Path, path: str | Path, what: str) -> Path:
-    p = _expand(path, str(value), what)
+    p = Path(expand_variables(path, str(value), what)).expanduser()
     return p if p.is_absolute() else root / p
 
 
@@ -140,7 +134,8 @@ def load_mbeir_config(path: str | Path, root: str | Path | None = None) -> MBeir
     if "instructions" not in cfg:
         raise ValueError(f"{path}: missing `instructions:` (the query instruction table, "
                          "instructions/query_instructions.tsv in the released layout)")
-    base = _expand(path, str(root if root is not None else cfg.get("root", ".")), "data root")
+    root_value = str(root if root is not None else cfg.get("root", "."))
+    base = Path(expand_variables(path, root_value, "root")).expanduser()
     choice = str(cfg.get("instruction_choice", "per_query"))
     if choice not in INSTRUCTION_CHOICES:
         raise ValueError(f"{path}: instruction_choice must be one of {INSTRUCTION_CHOICES}, got {choice!r}")
