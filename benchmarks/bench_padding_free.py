@@ -23,6 +23,7 @@ import statistics
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,7 +31,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _shapes import m3t_record, photos  # noqa: E402
-from bench_turns import PhaseClock, default_lora_r, keep_freed_memory, make_samples, train_step  # noqa: E402
+from bench_turns import (  # noqa: E402
+    PhaseClock,
+    default_lora_r,
+    keep_freed_memory,
+    make_samples,
+    to_device,
+    train_step,
+)
 
 from muco.data.m3t.collate import PretrainCollator  # noqa: E402
 from muco.inputs.image_policy import ImagePolicy  # noqa: E402
@@ -71,11 +79,9 @@ def main(argv: list[str] | None = None) -> float:
 
     policy = ImagePolicy.preset("pretrain")
     if args.short_side is not None:
-        from dataclasses import replace
-
         policy = replace(policy, short_side=args.short_side)
     pics = photos(policy.short_side or 640)
-    records = [m3t_record(args.seed * 1000 + i) for i in range(max(len(pics), args.images))]
+    records = [m3t_record(args.seed * 1000 + i) for i in range(args.images)]  # batch slot i: record i
     tok = qwen_offline_tokenizer()
     lora_r = default_lora_r(args.preset)
     cfg = BackboneConfig(preset=args.preset, adapter=AdapterConfig(r=lora_r, alpha=lora_r), seed=args.seed,
@@ -94,12 +100,10 @@ def main(argv: list[str] | None = None) -> float:
     def samples_for(rep: int) -> list:
         idx = [(rep * args.images + i) % len(pics) for i in range(args.images)]
         keys = [f"{pics[i][0]}-{rep}-{j}" for j, i in enumerate(idx)]
-        return make_samples([records[j] for j in range(args.images)], [pics[i][1] for i in idx], keys,
-                            args.turns, args.seed, rep)
+        return make_samples(records, [pics[i][1] for i in idx], keys, args.turns, args.seed, rep)
 
     def embed(mode: str, samples: list) -> torch.Tensor:
-        batch = collator(samples)
-        batch = {k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v) for k, v in batch.items()}
+        batch = to_device(collator(samples), device)
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             return embedders[mode](batch["query"], batch["num_turns"], batch["keys"]).emb
 
