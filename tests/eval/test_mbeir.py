@@ -378,7 +378,7 @@ def test_mbeir_command_end_to_end(exported, tmp_path, capsys, monkeypatch):
     def no_model(args):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr("muco.cli.eval._encode_fn", no_model)
+    monkeypatch.setattr("muco.cli.eval_mbeir.load_encode_fn", no_model)
     assert main(_args(exported, tasks, out)) == 0
     assert "Overall (6/6)" in capsys.readouterr().out
 
