@@ -39,8 +39,8 @@ import torch
 
 from muco.cli.eval_mbeir import is_mbeir_task_list, main_mbeir
 from muco.cli.eval_outputs import (
-    cached_result,
     failure_record,
+    finished_and_todo,
     load_encode_fn,
     report_failures,
     run_settings,
@@ -160,16 +160,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"muco eval: {len(no_data)} task(s) have no data; the other tasks run, and these are reported "
                   "as failed at the end", file=console)
 
-    results: dict[str, dict] = {}
-    todo = []
-    for s in specs:
-        if s.name in skipped:
-            continue
-        stored = None if args.overwrite else cached_result(out / f"{s.name}.json", settings)
-        if stored is not None:
-            results[s.name] = stored["metrics"]
-        else:
-            todo.append(s)
+    finished, names = finished_and_todo([s.name for s in specs if s.name not in skipped], out, settings,
+                                        args.overwrite)
+    results: dict[str, dict] = {k: v["metrics"] for k, v in finished.items()}
+    todo = [s for s in specs if s.name in names]
     if todo:
         reused = f", reusing {len(results)} finished in {out}" if results else ""
         procs = f" in {world} processes" if world > 1 else ""

@@ -17,8 +17,8 @@ import torch
 import yaml
 
 from muco.cli.eval_outputs import (
-    cached_result,
     failure_record,
+    finished_and_todo,
     load_encode_fn,
     report_failures,
     run_settings,
@@ -113,16 +113,9 @@ def main_mbeir(args: argparse.Namespace, verbose: bool) -> int:
         print(f"muco eval: skipping {len(no_data)} task(s) without data (--skip-missing): "
               f"{', '.join(skipped)}", file=sys.stderr)
 
-    results: dict[str, dict] = {}
-    todo = []
-    for s in specs:
-        if s.name in skipped:
-            continue
-        stored = None if args.overwrite else cached_result(out / f"{s.name}.json", settings)
-        if stored is not None:
-            results[s.name] = stored
-        else:
-            todo.append(s)
+    results, names = finished_and_todo([s.name for s in specs if s.name not in skipped], out, settings,
+                                       args.overwrite)
+    todo = [s for s in specs if s.name in names]
 
     failed: dict[str, dict] = {}
 

@@ -37,6 +37,20 @@ def cached_result(path: Path, settings: dict) -> dict | None:
     return stored if isinstance(stored, dict) and stored.get("settings") == settings else None
 
 
+def finished_and_todo(names: list[str], out: Path, settings: dict,
+                      overwrite: bool) -> tuple[dict[str, dict], list[str]]:
+    """The stored results of the named tasks finished in ``out`` with ``settings`` (none with ``overwrite``), and
+    the names still to run, in order."""
+    finished, todo = {}, []
+    for name in names:
+        stored = None if overwrite else cached_result(out / f"{name}.json", settings)
+        if stored is not None:
+            finished[name] = stored
+        else:
+            todo.append(name)
+    return finished, todo
+
+
 def write_whole(path: Path, text: str) -> None:
     """Whole or not at all: a killed run never leaves half a result that a rerun would trust."""
     tmp = path.with_name(path.name + ".tmp")
