@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -34,11 +35,24 @@ def show_muco_logs() -> None:
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
 
 
-def arrange_run_dir(cfg: Any) -> str:
+def config_files(argv: Sequence[str]) -> list[str]:
+    """The ``--config`` files of a command line, in order (``--config F`` and ``--config=F``)."""
+    files = []
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            files.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
+def arrange_run_dir(cfg: Any, argv_configs: Sequence[str] = ()) -> str:
     """Point the config's TensorBoard logger(s) at the run directory, ``trainer.default_root_dir`` (by default
     ``runs/<name of the first --config>``), so the events, ``config.yaml`` and ``checkpoints/`` of every
     restart land in that one directory; a config without a logger gets a TensorBoard logger there. TensorBoard's
-    placeholder ``hp_metric`` (-1) is off: muco logs its own metrics."""
+    placeholder ``hp_metric`` (-1) is off: muco logs its own metrics. ``argv_configs``: the command line's
+    ``--config`` files, for when the parsed config has lost their list (the ``omegaconf+`` mode drops it when a
+    config holds a ``${...}``, as ``configs/strategy/fsdp.yaml`` does)."""
     from jsonargparse import Namespace
 
     from muco.train.run_dir import default_run_dir
@@ -46,6 +60,7 @@ def arrange_run_dir(cfg: Any) -> str:
     run_dir = cfg.get("trainer.default_root_dir")
     if not run_dir:
         configs = [str(getattr(c, "relative", c)) for c in (cfg.get("config") or []) if c is not None]
+        configs = configs or list(argv_configs)
         if not configs:
             raise ValueError("trainer.default_root_dir is not set: it is the run directory (checkpoints, "
                              "TensorBoard, config); pass --trainer.default_root_dir runs/<name>")
@@ -118,7 +133,7 @@ def build_cli(argv: Sequence[str] | None, run: bool = True):
 
         def before_instantiate_classes(self) -> None:
             cfg = self.config[self.subcommand] if self.subcommand else self.config
-            arrange_run_dir(cfg)
+            arrange_run_dir(cfg, config_files(sys.argv[1:] if argv is None else argv))
 
         def instantiate_trainer(self, **kwargs: Any):
             from lightning.fabric.plugins import CheckpointIO

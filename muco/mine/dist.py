@@ -1,12 +1,12 @@
-"""Collectives for mining: gathers of rows of different counts per rank, integer reductions, and the device a
-backend's tensors live on.
+"""Collectives for mining: gathers of rows of different counts per rank, integer reductions, the device a
+backend's tensors live on, and forwards kept in step for a sharded model (:class:`Lockstep`).
 
 All are the identity in a single process (torch.distributed not initialised).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -66,3 +66,41 @@ def all_reduce_ints(values: Sequence[int], op: str = "sum") -> list[int]:
 def barrier() -> None:
     if dist_world_size() > 1:
         dist.barrier()
+
+
+class Lockstep:
+    """Forwards in step on every rank, for a model sharded with FSDP2 (each forward gathers weights from all
+    ranks) while each rank embeds its own share, whose batch count differs between ranks.
+
+    A share of unknown length (a stream of batches): before each real forward a rank calls :meth:`step`; when
+    its share is done it calls :meth:`drain`, which runs ``filler`` (one small forward whose result is dropped)
+    as long as any other rank is still embedding; one all-reduce of a flag per round. A share of known length:
+    :meth:`fillers_after` before its forwards, :meth:`fill` after them. With ``enabled`` False (an unsharded
+    model, or one process) all of these are free and ``filler`` never runs.
+    """
+
+    def __init__(self, enabled: bool, filler: Callable[[], object]) -> None:
+        self.enabled = enabled and dist_world_size() > 1
+        self.filler = filler
+        self.fillers = 0  # forwards this rank ran only to keep in step
+
+    def _any(self, busy: bool) -> bool:
+        return all_reduce_ints([int(busy)], "max")[0] > 0
+
+    def step(self) -> None:
+        if self.enabled:
+            self._any(True)
+
+    def drain(self) -> None:
+        while self.enabled and self._any(False):
+            self.fill(1)
+
+    def fillers_after(self, forwards: int) -> int:
+        """Before this rank's ``forwards`` forwards: how many fillers it must run after them to match the rank
+        with the most."""
+        return all_reduce_ints([forwards], "max")[0] - forwards if self.enabled else 0
+
+    def fill(self, n: int) -> None:
+        for _ in range(n):
+            self.filler()
+            self.fillers += 1

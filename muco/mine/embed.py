@@ -59,6 +59,7 @@ from muco.data.stream import MAX_CONSECUTIVE_FAILURES
 from muco.data.tar_reader import TarReader
 from muco.encoder import MuCoEncoder
 from muco.inputs.image_policy import ImagePolicy
+from muco.mine.dist import Lockstep
 
 log = logging.getLogger("muco.mine")
 
@@ -234,8 +235,9 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def embed_queries(encoder: MuCoEncoder, stream: MineStream, num_workers: int = 0, total: int | None = None,
-                  progress: bool = True) -> QueryEmbeddings:
-    """Pool every query turn of this rank's samples (inference mode, eval mode)."""
+                  progress: bool = True, lockstep: Lockstep | None = None) -> QueryEmbeddings:
+    """Pool every query turn of this rank's samples (inference mode, eval mode); ``lockstep`` keeps the forwards
+    in step with the other ranks' (a sharded model)."""
     loader = DataLoader(stream, batch_size=None, num_workers=num_workers)
     device, embedder = encoder.device, encoder.embedder.eval()
     embs, orders, keys, targets, turns = [], [], [], [], []
@@ -246,6 +248,8 @@ def embed_queries(encoder: MuCoEncoder, stream: MineStream, num_workers: int = 0
             if batch.get("final"):
                 skipped += batch["stats"]["skipped"]
                 continue
+            if lockstep is not None:
+                lockstep.step()
             inputs = {k: v.to(device) for k, v in batch["query"].items()}
             pooled = embedder(inputs, expected=batch["sequence_turns"].to(device), keys=batch["sequence_keys"])
             embs.append(pooled.emb.float().cpu()[batch["stored_rows"]])
@@ -254,6 +258,8 @@ def embed_queries(encoder: MuCoEncoder, stream: MineStream, num_workers: int = 0
             targets += batch["targets"]
             turns.append(batch["num_turns"])
             bar.update(len(batch["keys"]))
+        if lockstep is not None:
+            lockstep.drain()
     if not embs:
         return QueryEmbeddings(torch.empty(0, encoder.dim), torch.empty(0, 2, dtype=torch.long), [], [],
                                torch.empty(0, dtype=torch.long), skipped)
@@ -279,9 +285,10 @@ def text_share(texts: Sequence[str], batch_size: int, rank: int = 0, world: int 
 
 
 def embed_texts(encoder: MuCoEncoder, texts: Sequence[str], batch_size: int = 32,
-                progress: bool = True) -> Tensor:
+                progress: bool = True, lockstep: Lockstep | None = None) -> Tensor:
     """``BASE(t)`` embeddings [n, d] of target texts ``t`` as stored (fp32, normalised, CPU), in batches of
-    ``batch_size`` in :func:`text_order`."""
+    ``batch_size`` in :func:`text_order`; ``lockstep`` keeps the forwards in step with the other ranks'."""
+    fillers = 0 if lockstep is None else lockstep.fillers_after(-(-len(texts) // batch_size))
     out = torch.empty(len(texts), encoder.dim)
     order = text_order(texts).tolist()
     block = batch_size * 16
@@ -292,4 +299,6 @@ def embed_texts(encoder: MuCoEncoder, texts: Sequence[str], batch_size: int = 32
             out[torch.tensor(idx, dtype=torch.long)] = encoder.encode_user_texts(
                 [texts[i] for i in idx], [None] * len(idx), batch_size)
             bar.update(len(idx))
+    if lockstep is not None:
+        lockstep.fill(fillers)
     return out

@@ -25,10 +25,11 @@ from muco.data.shards import is_remote
 from muco.distributed import gather_objects
 from muco.encoder import MuCoEncoder, eval_mode
 from muco.inputs.image_policy import PRESETS
-from muco.mine.dist import barrier, gather_rows, world
+from muco.mine.dist import Lockstep, barrier, gather_rows, world
 from muco.mine.search import Shard
 from muco.mine.select import REASONS, SelectConfig, mine_negatives, normalized_ids
 from muco.mine.summary import summarize
+from muco.model.sharding import is_sharded
 from muco.train.checkpoint import datamodule_hparams, load_encoder
 
 log = logging.getLogger("muco.mine")
@@ -237,8 +238,9 @@ def mine_with(encoder: MuCoEncoder, cfg: MineConfig, wanted: dict) -> dict | Non
     """One rank's mining with ``encoder`` as it is (a loaded model, or a training run's live one: the rounds
     inside ``muco fit``), recording ``wanted`` as the sidecar's settings; ``cfg.model`` only names the model in
     the log, and the encoder's own image policy and autocast are used. Every rank of torch.distributed's
-    default group takes part (each runs its own forwards: no sharded model); rank 0 writes the sidecar and
-    gets the summary. The embedder's train/eval modes are as before when it returns."""
+    default group takes part (each embeds its own share; with an FSDP2-sharded model their forwards are kept
+    in step, :class:`muco.mine.dist.Lockstep`); rank 0 writes the sidecar and gets the summary. The embedder's
+    train/eval modes are as before when it returns."""
     with eval_mode(encoder.embedder):
         return _mine(encoder, cfg, wanted)
 
@@ -257,14 +259,21 @@ def _mine(encoder: MuCoEncoder, cfg: MineConfig, wanted: dict) -> dict | None:
     stream = MineStream(list(cfg.shards), PretrainCollator(encoder.tokenizer, encoder.image_policy),
                         encoder.image_policy, cfg.batch_size, rank, size, cfg.turns_per_sequence, draws)
     total = None if cfg.num_samples is None else -(-cfg.num_samples // size)
-    q = embed_queries(encoder, stream, cfg.num_workers, total, show)
+    # a training run's FSDP2-sharded model (the rounds inside `muco fit`): every forward needs every rank, so a
+    # rank whose share is done runs an empty text until the others are done too
+    lockstep = Lockstep(is_sharded(encoder.embedder.backbone), lambda: encoder.encode_user_texts([""], [None], 1))
+    q = embed_queries(encoder, stream, cfg.num_workers, total, show, lockstep)
 
     # the corpus: every unique target text, sorted (the same order for any process count); each rank embeds and
     # keeps only its share (whole batches, the same for any process count), the query blocks visit every share
     texts = sorted(set().union(*gather_objects({t for ts in q.targets for t in ts})))
     rows = text_share(texts, cfg.batch_size, rank, size)
-    shard = Shard.prepare(embed_texts(encoder, [texts[i] for i in rows.tolist()], cfg.batch_size, show), rows,
-                          device)
+    shard = Shard.prepare(embed_texts(encoder, [texts[i] for i in rows.tolist()], cfg.batch_size, show, lockstep),
+                          rows, device)
+    if lockstep.enabled:
+        fillers = sum(gather_objects(lockstep.fillers))
+        if rank == 0:
+            log.info("sharded model: %d forward(s) run only to keep the ranks in step", fillers)
     del rows
     index = {t: i for i, t in enumerate(texts)}
     max_turns = max(gather_objects(max((len(t) for t in q.targets), default=0)))

@@ -18,8 +18,9 @@ checkpoint, so a preempted job resumes in its round with the same negatives and 
 batch, it mines when the next epoch begins, with the same weights. Mining does not move the training random
 state (it runs under a forked RNG).
 
-Not under FSDP2 (``ModelParallelStrategy``): mining runs each rank's own, unequal number of forwards, which a
-sharded model cannot; ``muco rounds`` (one job per phase) covers that case.
+Under FSDP2 (``ModelParallelStrategy``) every forward of the sharded model needs every rank, while each rank
+mines its own share: mining keeps the ranks' forwards in step (:class:`muco.mine.dist.Lockstep`) and runs the
+vision tower on every rank whenever one rank's batch has images (:func:`muco.model.sharding.vision_on_every_rank`).
 """
 
 from __future__ import annotations
@@ -98,15 +99,10 @@ class InFitRounds(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
         dm = trainer.datamodule
         if not hasattr(dm, "use_negatives") or not hasattr(getattr(dm, "records", None), "use_negatives"):
             raise ValueError("InFitRounds needs muco's DataModule with M3T records (data.records: "
                              "muco.data.m3t.kind.M3TRecords)")
-        if isinstance(trainer.strategy, ModelParallelStrategy):
-            raise ValueError("InFitRounds cannot mine under FSDP2 (ModelParallelStrategy): each rank runs its own "
-                             "number of forwards; use `muco rounds` (one job per phase) or DDP")
         temperature = getattr(pl_module, "temperature", None)
         if self.temperatures and (temperature is None or temperature.learnable or temperature.schedule is not None):
             raise ValueError("InFitRounds.temperatures sets a fixed τ per round; remove model.learnable_temperature "

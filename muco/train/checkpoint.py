@@ -1,6 +1,7 @@
-"""A muco Lightning checkpoint (``.ckpt``) on disk: the one reader, with one-line errors, and what is built from
-it: the trained module (:func:`load_module`), an encoder (:func:`load_encoder`, which also takes an exported
-model directory) and the training data settings it recorded (:func:`datamodule_hparams`).
+"""A muco Lightning checkpoint on disk (a ``.ckpt`` file, or an FSDP2 run's distributed checkpoint directory):
+the one reader, with one-line errors, and what is built from it: the trained module (:func:`load_module`), an
+encoder (:func:`load_encoder`, which also takes an exported model directory) and the training data settings it
+recorded (:func:`datamodule_hparams`).
 
 Used for evaluation, export, mining and ``init_from`` (:mod:`muco.train.init_from`).
 """
@@ -8,6 +9,7 @@ Used for evaluation, export, mining and ``init_from`` (:mod:`muco.train.init_fro
 from __future__ import annotations
 
 import importlib
+import warnings
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,14 +36,14 @@ def read_checkpoint(path: str | Path, what: str | None = None, *, mmap: bool = F
 
     ``what`` names the setting that gave the path (``"init_from"``): errors then read ``init_from=<path> ...``;
     None: the path alone. ``mmap`` maps the file instead of reading it (cheap when only small entries such as
-    the hyper-parameters are needed).
+    the hyper-parameters are needed). A distributed checkpoint directory (FSDP2) is read as the same dict
+    (:func:`read_distributed_checkpoint`); with ``mmap`` its weights are not read at all.
     """
     path = Path(path)
     label = str(path) if what is None else f"{what}={path}"
     if path.is_dir():
         if is_distributed_checkpoint(path):
-            raise ValueError(f"{label} is a distributed (FSDP) checkpoint directory; consolidate it first with "
-                             f"`python -m lightning.pytorch.utilities.consolidate_checkpoint {path}`")
+            return read_distributed_checkpoint(path, label, weights=not mmap)
         raise ValueError(f"{label} is a directory, not a checkpoint; {CHECKPOINT_HINT}")
     if not path.is_file():
         raise FileNotFoundError(f"{label} does not exist; point it at a run's .ckpt")
@@ -58,12 +60,45 @@ def read_checkpoint(path: str | Path, what: str | None = None, *, mmap: bool = F
     return ckpt
 
 
+def read_distributed_checkpoint(path: Path, label: str, weights: bool = True) -> dict[str, Any]:
+    """An FSDP2 checkpoint directory (Lightning's ``ModelParallelStrategy``: every rank's ``*.distcp`` shards,
+    ``.metadata``, and ``meta.pt`` with everything that is not a tensor) as the dict a ``.ckpt`` file holds:
+    ``meta.pt``'s entries plus ``state_dict``, the whole weights read in this one process (no process group);
+    the optimizer state is left on disk. ``weights=False`` reads ``meta.pt`` only."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = path / "meta.pt"
+    if not meta.is_file():
+        raise ValueError(f"{label} is a distributed checkpoint directory without Lightning's meta.pt (cut short, "
+                         f"or not written by `muco fit`); {CHECKPOINT_HINT}")
+    try:
+        ckpt = torch.load(meta, map_location="cpu", weights_only=False)  # our own checkpoint, not data
+        if not weights:
+            return ckpt
+        reader = dcp.FileSystemReader(path)
+        prefix = "state_dict."
+        state = {name: torch.empty(m.size, dtype=m.properties.dtype)
+                 for name, m in reader.read_metadata().state_dict_metadata.items()
+                 if name.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message=".*load in a single process")
+            dcp.load(state, storage_reader=reader, no_dist=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"{label} is not a readable distributed checkpoint ({type(e).__name__}: {first})") from e
+    if not isinstance(ckpt, dict) or "hyper_parameters" not in ckpt or not state:
+        raise ValueError(f"{label} is not a distributed checkpoint of a muco module (no weights/hyper_parameters)")
+    ckpt["state_dict"] = {name[len(prefix):]: t for name, t in state.items()}
+    return ckpt
+
+
 def datamodule_hparams(path: str | Path) -> dict[str, Any]:
     """The training data settings a checkpoint recorded (the datamodule's hyper-parameters: ``image_policy``,
     ``turns_per_sample``, ...); ``{}`` for anything that is not a ``.ckpt`` file (an exported model directory)
-    or a checkpoint without them. The weights are mapped, not read."""
+    or a checkpoint without them. The weights are mapped, or (a distributed checkpoint) not read."""
     path = Path(path)
-    if not (path.is_file() and path.suffix == ".ckpt"):
+    if not (path.is_file() and path.suffix == ".ckpt" or is_distributed_checkpoint(path)):
         return {}
     hp = read_checkpoint(path, mmap=True).get("datamodule_hyper_parameters")
     return dict(hp) if isinstance(hp, dict) else {}

@@ -51,7 +51,7 @@ def test_load_encoder_dispatch(tmp_path):
     dcp = tmp_path / "sharded"
     dcp.mkdir()
     (dcp / "__0_0.distcp").write_bytes(b"x")
-    with pytest.raises(ValueError, match="distributed \\(FSDP\\) checkpoint directory; consolidate it first"):
+    with pytest.raises(ValueError, match="distributed checkpoint directory without Lightning's meta.pt"):
         load_encoder(dcp)
 
 
@@ -59,10 +59,13 @@ def test_read_checkpoint_errors_name_the_path_or_the_setting(tmp_path):
     dcp = tmp_path / "last.ckpt"
     dcp.mkdir()
     (dcp / ".metadata").write_bytes(b"x")
-    with pytest.raises(ValueError, match="^" + re.escape(f"{dcp} is a distributed (FSDP) checkpoint directory")):
+    with pytest.raises(ValueError, match="^" + re.escape(f"{dcp} is a distributed checkpoint directory without")):
         read_checkpoint(dcp)
     with pytest.raises(ValueError, match="^" + re.escape(f"init_from={dcp} is a distributed")):
         read_checkpoint(dcp, "init_from")
+    torch.save({"hyper_parameters": {}}, dcp / "meta.pt")  # cut short: no readable shards
+    with pytest.raises(ValueError, match="^" + re.escape(f"{dcp} is not a readable distributed checkpoint")):
+        read_checkpoint(dcp)
     with pytest.raises(ValueError, match="^" + re.escape(f"init_from={tmp_path} is a directory, not a checkpoint")):
         read_checkpoint(tmp_path, "init_from")
     with pytest.raises(FileNotFoundError, match="^" + re.escape(f"{tmp_path / 'nope.ckpt'} does not exist")):

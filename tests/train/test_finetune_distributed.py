@@ -78,3 +78,37 @@ def test_ddp_finetune_gradients_equal_single_process(muco_cli, tmp_path_factory,
     ddp = run_step(muco_cli, tmp_path_factory.mktemp("ddp"), pair_shards, loss, "ddp", 4,
                    "--trainer.devices=2", "--trainer.strategy=ddp")
     assert_same_grads(single, ddp)
+
+
+@pytest.fixture(scope="module")
+def image_split_shards(tmp_path_factory, demo_data):
+    """Rank 0's shard: 4 pairs with image queries and text positives; rank 1's: 4 pairs with text queries and
+    image positives. Each forward then has images on one rank only."""
+    from muco.convert.pairs import convert_pairs
+    from muco.demo.digits import load_digits_images
+    from muco.demo.pairs import pair_rows
+
+    root = tmp_path_factory.mktemp("image_split")
+    rows = pair_rows(load_digits_images()[:80], seed=1, pairs_per_digit=2, no_negative_frac=0.0)
+    image_queries = [r for r in rows if r["qry_image_path"] and not r.get("pos_image_path")][:4]
+    text_queries = [r for r in rows if not r["qry_image_path"] and r.get("pos_image_path")][:4]
+    assert len(image_queries) == len(text_queries) == 4
+    (root / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in image_queries + text_queries))
+    summary = convert_pairs(root / "p.jsonl", demo_data / "images", str(root / "s-%06d.tar"), max_samples_per_shard=4)
+    assert (summary.written, len(summary.shards)) == (8, 2)
+    return root / "manifest.json"
+
+
+def test_fsdp2_finetune_with_images_on_one_rank_per_forward_equals_single_process(muco_cli, tmp_path_factory,
+                                                                                   image_split_shards):
+    # FSDP2 gathers a block's weights from every rank when it runs: the query forward has images on rank 0 only
+    # and the positives' on rank 1 only, so the other rank runs the vision tower on a blank image
+    # (muco.model.sharding.vision_on_every_rank); without it the ranks' collectives would not match
+    from tests.train.conftest import REPO
+
+    single = run_step(muco_cli, tmp_path_factory.mktemp("single"), image_split_shards, "blockwise", "single", 8)
+    tmp = tmp_path_factory.mktemp("fsdp")
+    fsdp = run_step(muco_cli, tmp, image_split_shards, "blockwise", "fsdp", 4,
+                    "--config", str(REPO / "configs" / "strategy" / "fsdp.yaml"), "--trainer.devices=2",
+                    f"--trainer.default_root_dir={tmp / 'run'}")
+    assert_same_grads(single, fsdp)

@@ -95,6 +95,20 @@ def test_ckpt_path_last_without_a_checkpoint_fails_early(muco_inprocess, demo_da
     assert "holds no checkpoint to resume" in res.stderr
 
 
+def test_the_run_directory_defaults_to_the_first_config_also_with_the_fsdp2_config(muco_inprocess, demo_data,
+                                                                                   tmp_path):
+    # configs/strategy/fsdp.yaml holds a ${...}: jsonargparse's omegaconf+ mode then drops the parsed list of
+    # --config files, so the default run directory is taken from the command line
+    conf = yaml.safe_load(Path(CONFIG).read_text())
+    del conf["trainer"]["default_root_dir"]
+    (tmp_path / "my_run.yaml").write_text(yaml.safe_dump(conf))
+    for strategy in ([], ["--config", str(REPO / "configs" / "strategy" / "fsdp.yaml")]):
+        res = muco_inprocess("fit", "--config", str(tmp_path / "my_run.yaml"), *strategy, *data_args(demo_data),
+                             "--trainer.devices=1", "--ckpt_path=last", cwd=tmp_path)
+        assert res.returncode == 1, res.stderr[-2000:]
+        assert "runs/my_run holds no checkpoint to resume" in res.stderr, (strategy, res.stderr[-2000:])
+
+
 def test_config_typo_fails_with_jsonargparse_message(muco_inprocess, demo_data, tmp_path):
     res = muco_inprocess("fit", "--config", CONFIG, *data_args(demo_data), "--trainer.max_stepz=3", cwd=tmp_path)
     assert res.returncode != 0
