@@ -129,7 +129,7 @@ def test_stopped_at_a_round_boundary_and_inside_round_2_resumes_like_the_uninter
 
 STRATEGIES = {"ddp": ("--trainer.strategy=ddp",),
               # FSDP2: every forward gathers the sharded weights from both ranks, while each mines its own share
-              # (75 and 74 query batches of 2, and text shares of different lengths): the ranks stay in step
+              # (75 and 74 query batches of 2): the ranks stay in step
               "fsdp2": ("--config", str(REPO / "configs" / "strategy" / "fsdp.yaml"))}
 
 

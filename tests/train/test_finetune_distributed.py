@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.train.conftest import REPO
 from tests.train.test_distributed import assert_same_grads, snapshot_config
 
 pytestmark = pytest.mark.slow
@@ -104,8 +105,6 @@ def test_fsdp2_finetune_with_images_on_one_rank_per_forward_equals_single_proces
     # FSDP2 gathers a block's weights from every rank when it runs: the query forward has images on rank 0 only
     # and the positives' on rank 1 only, so the other rank runs the vision tower on a blank image
     # (muco.model.sharding.vision_on_every_rank); without it the ranks' collectives would not match
-    from tests.train.conftest import REPO
-
     single = run_step(muco_cli, tmp_path_factory.mktemp("single"), image_split_shards, "blockwise", "single", 8)
     tmp = tmp_path_factory.mktemp("fsdp")
     fsdp = run_step(muco_cli, tmp, image_split_shards, "blockwise", "fsdp", 4,
